@@ -1,0 +1,193 @@
+"""Configuration of ALTER models: a T5 configuration plus the Mixture-of-Task-Adapters (MTA) fields."""
+
+from transformers import PretrainedConfig
+
+MTA_PLACEMENTS = ("ffn", "self_attention", "cross_attention")
+
+
+class AlterConfig(PretrainedConfig):
+    r"""
+    Configuration of an [`AlterForConditionalGeneration`]: every [`T5Config`] hyperparameter with the same name and
+    meaning, plus the fields of the Mixture-of-Task-Adapters.
+
+    T5 arguments (see `T5Config`): `vocab_size`, `d_model`, `d_kv`, `d_ff`, `num_layers`, `num_decoder_layers`,
+    `num_heads`, `relative_attention_num_buckets`, `relative_attention_max_distance`, `dropout_rate`,
+    `layer_norm_epsilon`, `initializer_factor`, `feed_forward_proj` (`"relu"` for T5 v1.0, `"gated-gelu"` for
+    T5 v1.1 / Flan-T5), `use_cache`, `pad_token_id`, `eos_token_id`, `decoder_start_token_id`,
+    `tie_word_embeddings` (T5 v1.0 ties the LM head to the input embeddings and rescales the decoder output by
+    `d_model**-0.5`; Flan-T5 does neither).
+
+    Args:
+        task_names (`list[str]`):
+            The tasks, one task adapter each. A task's id is its position in this list.
+        adapter_dim (`int`, defaults to 64):
+            Bottleneck size r of every adapter (`D: d_model -> r`, `U: r -> d_model`).
+        adapter_activation (`str`, defaults to `"relu"`):
+            Activation between the adapter's down and up projections (any key of `transformers.activations.ACT2FN`).
+        num_shared_adapters (`int`, defaults to 1):
+            Number S of adapters shared by all tasks; they are trained in stage 2 only.
+        mta_placement (`list[str]`, defaults to `["ffn"]`):
+            Sublayers of every block that carry an MTA module, among `"ffn"`, `"self_attention"` and
+            `"cross_attention"`. `"ffn"` is required.
+        router_top_k (`int`, *optional*):
+            Stage 2: keep only the k largest gate weights per token (renormalised). `None` routes densely.
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the load-balancing auxiliary loss added to `loss` in stage 2.
+        task_id_drop_rate (`float`, defaults to 0.1):
+            Stage 2, training only: probability of replacing an example's task id by the "unknown task" embedding,
+            so that the model can route without task ids at inference.
+        stage (`int`, defaults to 1):
+            1: each example uses its own task adapter ("task selector"). 2: a learned token-level gate mixes all
+            task and shared adapters ("collaboration"). Change it with `model.set_stage(n)`.
+        stage1_train_backbone (`bool`, defaults to `True`):
+            Whether stage 1 trains the backbone together with the task adapters, or the task adapters alone.
+    """
+
+    model_type = "alter"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "head_dim": "d_kv",
+    }
+
+    def __init__(
+        self,
+        task_names=("default",),
+        adapter_dim=64,
+        adapter_activation="relu",
+        num_shared_adapters=1,
+        mta_placement=("ffn",),
+        router_top_k=None,
+        router_aux_loss_coef=0.01,
+        task_id_drop_rate=0.1,
+        stage=1,
+        stage1_train_backbone=True,
+        vocab_size=32128,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_decoder_layers=None,
+        num_heads=8,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.1,
+        layer_norm_epsilon=1e-6,
+        initializer_factor=1.0,
+        feed_forward_proj="relu",
+        is_encoder_decoder=True,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
+        self.task_names = _check_task_names(task_names)
+        self.adapter_dim = _check_int("adapter_dim", adapter_dim, minimum=1)
+        self.adapter_activation = adapter_activation
+        self.num_shared_adapters = _check_int("num_shared_adapters", num_shared_adapters, minimum=0)
+        self.mta_placement = _check_placement(mta_placement)
+        self.router_top_k = router_top_k
+        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        self.task_id_drop_rate = float(task_id_drop_rate)
+        self.stage = stage
+        self.stage1_train_backbone = bool(stage1_train_backbone)
+
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.d_kv = d_kv
+        self.d_ff = d_ff
+        self.num_layers = num_layers
+        self.num_decoder_layers = num_decoder_layers if num_decoder_layers is not None else num_layers
+        self.num_heads = num_heads
+        self.relative_attention_num_buckets = relative_attention_num_buckets
+        self.relative_attention_max_distance = relative_attention_max_distance
+        self.dropout_rate = dropout_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.initializer_factor = initializer_factor
+        self.feed_forward_proj = feed_forward_proj
+        self.use_cache = use_cache
+
+        act_info = feed_forward_proj.split("-")
+        if len(act_info) > 2 or (len(act_info) == 2 and act_info[0] != "gated"):
+            raise ValueError(
+                f"feed_forward_proj={feed_forward_proj!r} is not valid: expected 'ACT' or 'gated-ACT', "
+                "e.g. 'relu' or 'gated-gelu'."
+            )
+        self.dense_act_fn = "gelu_new" if feed_forward_proj == "gated-gelu" else act_info[-1]
+        self.is_gated_act = act_info[0] == "gated"
+
+        from transformers.activations import ACT2FN
+
+        for name in ("adapter_activation", "dense_act_fn"):
+            if getattr(self, name) not in ACT2FN:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a known activation; expected one of {sorted(ACT2FN)}.")
+        if router_top_k is not None:
+            n_adapters = len(self.task_names) + self.num_shared_adapters
+            _check_int("router_top_k", router_top_k, minimum=1)
+            if router_top_k > n_adapters:
+                raise ValueError(
+                    f"router_top_k={router_top_k} is larger than the number of adapters ({len(self.task_names)} task "
+                    f"+ {self.num_shared_adapters} shared = {n_adapters})."
+                )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef={router_aux_loss_coef} must be >= 0.")
+        if not 0.0 <= self.task_id_drop_rate < 1.0:
+            raise ValueError(f"task_id_drop_rate={task_id_drop_rate} must be in [0, 1).")
+        if stage not in (1, 2):
+            raise ValueError(f"stage={stage!r} is not valid: expected 1 or 2.")
+
+        super().__init__(
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            decoder_start_token_id=decoder_start_token_id,
+            is_encoder_decoder=is_encoder_decoder,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def num_tasks(self):
+        return len(self.task_names)
+
+    @property
+    def num_adapters(self):
+        """Task adapters plus shared adapters in every MTA module."""
+        return len(self.task_names) + self.num_shared_adapters
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not valid: expected an integer >= {minimum}.")
+    return value
+
+
+def _check_task_names(task_names):
+    if isinstance(task_names, str) or not task_names:
+        raise ValueError(f"task_names={task_names!r} is not valid: expected a non-empty list of task names.")
+    names = list(task_names)
+    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"task_names contains invalid names {bad!r}: expected non-empty strings.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task_names contains duplicates {duplicates}: every task needs a unique name.")
+    return names
+
+
+def _check_placement(placement):
+    if isinstance(placement, str):
+        placement = [placement]
+    placement = list(placement)
+    unknown = [p for p in placement if p not in MTA_PLACEMENTS]
+    if unknown:
+        raise ValueError(f"mta_placement contains unknown sublayers {unknown}; expected a subset of {list(MTA_PLACEMENTS)}.")
+    if "ffn" not in placement:
+        raise ValueError(f"mta_placement={placement} must include 'ffn' (every block's feed-forward carries MTA).")
+    return [p for p in MTA_PLACEMENTS if p in placement]
+
+
+__all__ = ["AlterConfig"]
