@@ -705,7 +705,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         output_routing_weights: bool = False,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **unused,
+        cache_position: torch.LongTensor | None = None,
     ) -> AlterSeq2SeqLMOutput:
         r"""
         task_ids (`torch.LongTensor` of shape `(batch_size,)`):
@@ -717,9 +717,9 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         num_items_in_batch (`int`, *optional*):
             Passed by `Trainer`: number of label tokens in the whole accumulated batch, so the loss is a sum divided
             by it and gradient accumulation keeps the same loss scale.
+        cache_position:
+            Accepted for `generate()` of Transformers < 5.24 and ignored: positions follow from the cache's length.
         """
-        if unused:
-            raise ValueError(f"Unexpected arguments {sorted(unused)} for AlterForConditionalGeneration.forward.")
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
