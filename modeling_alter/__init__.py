@@ -1,4 +1,10 @@
-"""ALTER: Mixture-of-Task-Adapters for small encoder-decoder multi-task learners."""
+"""ALTER: Mixture-of-Task-Adapters for small encoder-decoder multi-task learners.
+
+The model classes import only torch and transformers; the training side (trainer, callback, data, metrics) is
+imported on first use, so the model runs wherever the Hub files run.
+"""
+
+import importlib
 
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -10,4 +16,24 @@ AlterForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 AutoConfig.register("alter", AlterConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(AlterConfig, AlterForConditionalGeneration, exist_ok=True)
 
-__all__ = ["AlterConfig", "AlterForConditionalGeneration", "AlterMTA"]
+_LAZY = {
+    "AlterTrainer": ".trainer",
+    "AlterTrainingArguments": ".trainer",
+    "StageSwitchCallback": ".callback",
+    "MultiTaskDataCollator": ".data",
+    "build_eval_datasets": ".data",
+    "build_multitask_dataset": ".data",
+    "load_task_data": ".data",
+    "mixing_rates": ".data",
+    "compute_metric": ".metrics",
+    "make_synthetic_tasks": ".synthetic_tasks",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AlterConfig", "AlterForConditionalGeneration", "AlterMTA", *_LAZY]

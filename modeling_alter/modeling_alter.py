@@ -502,7 +502,7 @@ class AlterPreTrainedModel(PreTrainedModel):
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except RuntimeError as error:
-            if "mismatched" not in str(error):
+            if "mismatch" not in str(error):
                 raise
             raise ValueError(_describe_mismatch(pretrained_model_name_or_path, kwargs)) from error
         model.set_stage(model.config.stage)
@@ -670,6 +670,8 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         # Transformers >= 5.24 keeps embeddings tied and records T5 v1.0's output rescaling separately.
         tied = getattr(t5_config, "scale_decoder_outputs", t5_config.tie_word_embeddings)
         config = AlterConfig(task_names=task_names, tie_word_embeddings=tied, **t5_kwargs, **mta_kwargs)
+        if t5_config._attn_implementation in ("eager", "sdpa"):
+            config._attn_implementation = t5_config._attn_implementation  # same attention kernel as the source
         model = cls(config).to(t5.dtype)
         state = {k: v for k, v in t5.state_dict().items() if not k.startswith(("shared.", "decoder.embed_tokens."))}
         state["encoder.embed_tokens.weight"] = t5.get_input_embeddings().weight
