@@ -167,7 +167,7 @@ class AlterMTA(nn.Module):
     def _gate_stats(self, weights, probs, routing):
         """Switch-Transformer load-balancing loss (training only) and, when asked for, routing statistics."""
         aux_loss = None
-        if self.training:
+        if self.training and torch.is_grad_enabled():
             k = self.top_k or 1
             chosen = F.one_hot(probs.topk(k, dim=-1).indices, self.num_adapters).sum(-2).float() / k
             chosen, probs = chosen.flatten(0, 1), probs.flatten(0, 1)
@@ -672,7 +672,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         config = AlterConfig(task_names=task_names, tie_word_embeddings=tied, **t5_kwargs, **mta_kwargs)
         if t5_config._attn_implementation in ("eager", "sdpa"):
             config._attn_implementation = t5_config._attn_implementation  # same attention kernel as the source
-        model = cls(config).to(t5.dtype)
+        model = cls(config).to(t5.dtype).train(t5.training)
         state = {k: v for k, v in t5.state_dict().items() if not k.startswith(("shared.", "decoder.embed_tokens."))}
         state["encoder.embed_tokens.weight"] = t5.get_input_embeddings().weight
         state["lm_head.weight"] = t5.get_output_embeddings().weight
@@ -707,7 +707,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         output_routing_weights: bool = False,
         return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        cache_position: torch.LongTensor | None = None,
+        **kwargs,
     ) -> AlterSeq2SeqLMOutput:
         r"""
         task_ids (`torch.LongTensor` of shape `(batch_size,)`):
@@ -719,9 +719,13 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         num_items_in_batch (`int`, *optional*):
             Passed by `Trainer`: number of label tokens in the whole accumulated batch, so the loss is a sum divided
             by it and gradient accumulation keeps the same loss scale.
-        cache_position:
-            Accepted for `generate()` of Transformers < 5.24 and ignored: positions follow from the cache's length.
+        kwargs:
+            Only `cache_position`, which `generate()` of Transformers < 5.24 passes; ignored, since positions follow
+            from the cache's length.
         """
+        kwargs.pop("cache_position", None)
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for AlterForConditionalGeneration.forward.")
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:

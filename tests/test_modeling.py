@@ -303,3 +303,8 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match="(?i)safetensors|header|deserializ"):
         AlterForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_unexpected_forward_arguments_are_rejected():
+    with pytest.raises(ValueError, match=r"Unexpected arguments \['task_id'\]"):
+        tiny_alter()(**random_batch(), task_ids=torch.tensor([0, 1, 2, 0]), task_id=1)
