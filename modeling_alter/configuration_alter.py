@@ -41,6 +41,9 @@ class AlterConfig(PretrainedConfig):
             task and shared adapters ("collaboration"). Change it with `model.set_stage(n)`.
         stage1_train_backbone (`bool`, defaults to `True`):
             Whether stage 1 trains the backbone together with the task adapters, or the task adapters alone.
+        base_model (`str`, *optional*):
+            Hub id of the T5 checkpoint the model was converted from; `from_t5` records it (never a local path) for
+            the model card.
     """
 
     model_type = "alter"

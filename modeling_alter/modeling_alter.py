@@ -505,7 +505,8 @@ class AlterPreTrainedModel(PreTrainedModel):
             if "mismatch" not in str(error):
                 raise
             raise ValueError(_describe_mismatch(pretrained_model_name_or_path, kwargs)) from error
-        model.set_stage(model.config.stage)
+        loaded = model[0] if isinstance(model, tuple) else model  # `output_loading_info=True` returns a pair
+        loaded.set_stage(loaded.config.stage)
         return model
 
     def save_pretrained(self, save_directory, *args, push_to_hub=False, **kwargs):
@@ -656,6 +657,9 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         t5 = t5_model_or_path
         if not isinstance(t5, nn.Module):
             t5 = T5ForConditionalGeneration.from_pretrained(t5_model_or_path)
+        source = str(getattr(t5.config, "_name_or_path", "") or "")
+        if source and not os.path.exists(source):  # a Hub id, recorded for the model card (never a local path)
+            mta_kwargs.setdefault("base_model", source)
         if getattr(t5.config, "model_type", None) not in ("t5", "mt5"):
             raise ValueError(f"from_t5 expects a T5-family model, got model_type={t5.config.model_type!r}.")
         t5_config = t5.config

@@ -145,3 +145,12 @@ def test_saving_again_replaces_the_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch, task_ids=torch.tensor([0, 1, 2, 0])).logits,
                                    second(**batch, task_ids=torch.tensor([0, 1, 2, 0])).logits, atol=0, rtol=0)
+
+
+def test_from_pretrained_with_loading_info_keeps_the_stage(tmp_path):
+    model = tiny_alter()
+    model.set_stage(2)
+    model.save_pretrained(tmp_path)
+    loaded, info = AlterForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == model.trainable_parameter_names(2)

@@ -1,0 +1,172 @@
+"""Command line of `hub_upload`: `alter-hub prepare | check | push` (also `python -m hub_upload ...`).
+
+    alter-hub prepare MODEL_DIR OUT_DIR --repo-id ORG/NAME --domain DOMAIN [--results FILE ...] [--routing-image PNG]
+        [--base-model ID] [--datasets ID ...] [--task-dataset TASK=ID ...] [--license ID] [--language CODE ...]
+        [--tokenizer DIR] [--revision-pin REV] [--max-shard-size 5GB] [--allow-missing-results] [--overwrite]
+    alter-hub check OUT_DIR [--timeout SECONDS] [--python PATH]
+    alter-hub push OUT_DIR ORG/NAME [--private] [--revision BRANCH] [--create-pr] [--commit-message MSG]
+        [--commit-description TEXT] [--token TOKEN] [--dry-run] [--timeout SECONDS]
+
+Exit status: 0 on success, 1 when the folder or the options are refused (the message names the file or value),
+2 for command-line usage errors.
+"""
+
+import argparse
+import sys
+
+from huggingface_hub.errors import HfHubHTTPError
+
+from .check import DEFAULT_TIMEOUT, check_folder
+from .errors import HubUploadError
+from .folder import DEFAULT_MAX_SHARD_SIZE, prepare_folder
+from .push import push_folder
+
+
+def _task_dataset(value):
+    task, sep, dataset = value.partition("=")
+    if not sep or not task or not dataset:
+        raise argparse.ArgumentTypeError(f"{value!r} is not TASK=DATASET_ID")
+    return task, dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alter-hub", description="Prepare, check and push ALTER models to the Hugging Face Hub."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="build the Hub folder from a training run's output directory",
+        description="Build the folder that goes to the Hub: model (safetensors), code files, tokenizer, model card "
+        "and routing picture, from a training run's output directory.",
+    )
+    prepare.add_argument("model_dir", help="the training run's output directory (trainer.save_model's folder)")
+    prepare.add_argument("out_dir", help="the new folder to write")
+    prepare.add_argument(
+        "--repo-id", required=True, help="the Hub repository the card's usage snippet loads (ORG/NAME)"
+    )
+    prepare.add_argument("--domain", required=True, help="the model's domain (a tag and a word of the card)")
+    prepare.add_argument(
+        "--results", nargs="+", metavar="FILE", help="evaluation JSON file(s); default: MODEL_DIR/*results*.json"
+    )
+    prepare.add_argument(
+        "--routing-image", metavar="FILE", help="routing picture; default: MODEL_DIR/routing_heatmap.png"
+    )
+    prepare.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory when not MODEL_DIR")
+    prepare.add_argument(
+        "--base-model", metavar="ID", help="Hub id of the base model; default: the one the config records"
+    )
+    prepare.add_argument("--datasets", nargs="+", default=[], metavar="ID", help="Hub ids of the training datasets")
+    prepare.add_argument(
+        "--task-dataset",
+        type=_task_dataset,
+        action="append",
+        default=[],
+        metavar="TASK=ID",
+        help="dataset id a task's model-index entry names (repeatable)",
+    )
+    prepare.add_argument("--license", default="apache-2.0", help="license id of the card (default: apache-2.0)")
+    prepare.add_argument("--language", nargs="+", metavar="CODE", help="language code(s) of the card")
+    prepare.add_argument(
+        "--revision-pin",
+        default="main",
+        metavar="REV",
+        help="the revision of the card's usage snippet (default: main; a commit sha once known)",
+    )
+    prepare.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"shard the weights above this size (default: {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    prepare.add_argument(
+        "--allow-missing-results", action="store_true", help="write a card without evaluation results"
+    )
+    prepare.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+
+    check = commands.add_parser(
+        "check",
+        help="validate a folder and load it in a clean, isolated Python",
+        description="Scan the folder (allow-list, pickles, credentials, links, local paths), check its files and "
+        "card, and load it through the Auto classes with trust_remote_code=True in an isolated Python.",
+    )
+    check.add_argument("folder")
+    check.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds allowed for the isolated load")
+    check.add_argument("--python", metavar="PATH", help="interpreter of the isolated load (default: this one)")
+
+    push = commands.add_parser(
+        "push",
+        help="check a folder and upload it in one commit",
+        description="Run check, then upload the approved files to the Hub in one commit. The token comes from "
+        "--token, HF_TOKEN or the cached login (hf auth login) and is never written or printed.",
+    )
+    push.add_argument("folder")
+    push.add_argument("repo_id", metavar="ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created when missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", metavar="MSG")
+    push.add_argument("--commit-description", metavar="TEXT")
+    push.add_argument("--token", help="Hugging Face token (prefer HF_TOKEN: command lines are visible to others)")
+    push.add_argument("--dry-run", action="store_true", help="run every check and list the files, without network")
+    push.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds allowed for the isolated load")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            prepared = prepare_folder(
+                args.model_dir,
+                args.out_dir,
+                repo_id=args.repo_id,
+                domain=args.domain,
+                tokenizer_dir=args.tokenizer,
+                results_files=args.results,
+                routing_image=args.routing_image,
+                base_model=args.base_model,
+                datasets=args.datasets,
+                task_datasets=dict(args.task_dataset),
+                license=args.license,
+                language=args.language,
+                revision_pin=args.revision_pin,
+                max_shard_size=args.max_shard_size,
+                allow_missing_results=args.allow_missing_results,
+                overwrite=args.overwrite,
+            )
+            print(f"wrote {prepared.path} ({len(prepared.files)} files): {', '.join(prepared.files)}")
+            print(
+                f"results: {', '.join(prepared.results.sources) or 'none'}; "
+                f"routing picture: {prepared.routing_image or 'none'}"
+            )
+            for warning in prepared.warnings:
+                print(f"warning: {warning}")
+            print(f"next: alter-hub check {prepared.path}")
+        elif args.command == "check":
+            print(check_folder(args.folder, timeout=args.timeout, python=args.python).summary())
+        else:
+            result = push_folder(
+                args.folder,
+                args.repo_id,
+                private=args.private,
+                revision=args.revision,
+                create_pr=args.create_pr,
+                commit_message=args.commit_message,
+                commit_description=args.commit_description,
+                token=args.token,
+                dry_run=args.dry_run,
+                timeout=args.timeout,
+            )
+            for warning in result.warnings:
+                print(f"warning: {warning}")
+            print(result.summary())
+    except (HubUploadError, HfHubHTTPError) as error:
+        print(f"alter-hub {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
