@@ -1,0 +1,819 @@
+"""Two-stage training and per-task evaluation of ALTER models with the Hugging Face `Trainer`.
+
+[`AlterTrainer`] is a [`Seq2SeqTrainer`] that runs ALTER's two stages in one `trainer.train()` call (the switch is done
+by a [`StageSwitchCallback`] configured from [`AlterTrainingArguments`]), evaluates each task of a dict of evaluation
+sets with its own generation metric, logs the router's auxiliary loss and routing statistics, and saves a routing
+heatmap at the end of training.
+
+```python
+from modeling_alter import AlterForConditionalGeneration, AlterConfig
+from modeling_alter.data import MultiTaskDataCollator, build_eval_datasets, build_multitask_dataset
+from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments
+
+args = AlterTrainingArguments("out", stage1_epochs=2, num_train_epochs=3, stage2_learning_rate=1e-3)
+trainer = AlterTrainer(
+    model=model, args=args, train_dataset=train_set, eval_dataset={"qa": qa_eval, "nli": nli_eval},
+    processing_class=tokenizer, task_metrics={"qa": "token_f1", "nli": "accuracy"},
+)
+trainer.train()
+trainer.evaluate()  # eval_qa_loss, eval_qa_token_f1, eval_nli_loss, eval_nli_accuracy, eval_loss, eval_mean_score, ...
+```
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.optimization import get_scheduler
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import get_last_checkpoint, speed_metrics
+
+from .callback import StageSwitchCallback, validate_stage_arguments
+from .metrics import METRICS, compute_metric
+
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+ROUTING_HEATMAP_NAME = "routing_heatmap.png"
+ROUTING_STATS_NAME = "routing_stats.json"
+
+
+@dataclass
+class AlterTrainingArguments(Seq2SeqTrainingArguments):
+    r"""
+    [`Seq2SeqTrainingArguments`] plus the settings of ALTER's two stages. Parse them with `HfArgumentParser`.
+
+    The usual `learning_rate`, `lr_scheduler_type` and `warmup_steps` apply to stage 1, whose schedule ends at the
+    switch; the `stage2_*` fields configure the new schedule of stage 2, which runs until `max_steps` /
+    `num_train_epochs`. `predict_with_generate` defaults to `True` here, so that `evaluate()` reports generation
+    metrics, and `ddp_find_unused_parameters` to `True`, which ALTER needs under DDP (a batch trains only the task
+    adapters of the tasks it contains).
+    """
+
+    stage1_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of stage 1 (task adapters, and by default the backbone) before switching to "
+            "stage 2 (gate, task embeddings, shared adapters). 0 trains stage 2 only. Exclusive with stage1_epochs; "
+            "with neither, the model trains in the stage it is in."
+        },
+    )
+    stage1_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of stage 1 (rounded up to optimizer steps). Exclusive with stage1_steps."}
+    )
+    stage2_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of stage 2 (default: learning_rate)."}
+    )
+    stage2_warmup_steps: float = field(
+        default=0,
+        metadata={"help": "Warm-up of stage 2: a number of steps (>= 1) or a fraction of the stage-2 steps (< 1)."},
+    )
+    stage2_lr_scheduler_type: str | None = field(
+        default=None, metadata={"help": "Learning-rate schedule of stage 2 (default: lr_scheduler_type)."}
+    )
+    eval_on_stage_switch: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the stage-1 model just before the switch (when there is an evaluation dataset)."},
+    )
+    save_routing_heatmap: bool = field(
+        default=True,
+        metadata={
+            "help": f"At the end of training, save the per-task routing statistics ({ROUTING_STATS_NAME}) and a "
+            f"heatmap of them ({ROUTING_HEATMAP_NAME}) into output_dir."
+        },
+    )
+    routing_max_samples: int = field(
+        default=1024,
+        metadata={
+            "help": "At most this many examples of the training set are used for the final routing statistics when "
+            "there is no evaluation dataset."
+        },
+    )
+    predict_with_generate: bool = field(
+        default=True, metadata={"help": "Whether to use generate to calculate generative metrics (ROUGE, BLEU)."}
+    )
+
+    def __post_init__(self):
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True
+        elif not self.ddp_find_unused_parameters:
+            raise ValueError(
+                "ddp_find_unused_parameters=False is not valid for ALTER: a batch trains only the task adapters of the "
+                "tasks it contains, and each stage freezes part of the model, so DDP must find unused parameters."
+            )
+        if isinstance(self.routing_max_samples, bool) or not isinstance(self.routing_max_samples, int) or (
+            self.routing_max_samples < 1
+        ):
+            raise ValueError(f"routing_max_samples={self.routing_max_samples!r} is not valid: expected an integer >= 1.")
+        validate_stage_arguments(
+            self.stage1_steps,
+            self.stage1_epochs,
+            self.stage2_learning_rate,
+            self.stage2_warmup_steps,
+            self.stage2_lr_scheduler_type,
+        )
+        super().__post_init__()
+
+
+class RoutingStatistics:
+    """
+    Accumulates, per task and MTA module, the mean gate weight of every adapter and the mean routing entropy, from
+    the `routing_weights` / `routing_entropy` outputs of [`AlterForConditionalGeneration`] (one value per example:
+    its mean over tokens).
+
+    Args:
+        task_names (`list[str]`): the model's `config.task_names` (rows, by task id).
+        module_names (`list[str]`): one short name per MTA module, in the model's order (see `mta_module_labels`).
+        adapter_names (`list[str]`): the task adapters then the shared adapters.
+    """
+
+    def __init__(self, task_names, module_names, adapter_names):
+        self.task_names = list(task_names)
+        self.module_names = list(module_names)
+        self.adapter_names = list(adapter_names)
+        num_tasks, num_modules, num_adapters = len(self.task_names), len(self.module_names), len(self.adapter_names)
+        self.weight_sum = torch.zeros(num_tasks, num_modules, num_adapters, dtype=torch.float64)
+        self.entropy_sum = torch.zeros(num_tasks, num_modules, dtype=torch.float64)
+        self.count = torch.zeros(num_tasks, dtype=torch.float64)
+
+    def update(self, task_ids: torch.Tensor, routing_weights: torch.Tensor, routing_entropy: torch.Tensor) -> None:
+        """Adds a batch: `task_ids` [batch], `routing_weights` [batch, modules, adapters], `routing_entropy`
+        [batch, modules]."""
+        task_ids = task_ids.detach().long().cpu()
+        self.weight_sum.index_add_(0, task_ids, routing_weights.detach().double().cpu())
+        self.entropy_sum.index_add_(0, task_ids, routing_entropy.detach().double().cpu())
+        self.count.index_add_(0, task_ids, torch.ones(task_ids.shape[0], dtype=torch.float64))
+
+    @property
+    def tasks_seen(self) -> list[int]:
+        """Ids of the tasks with at least one example."""
+        return [i for i, n in enumerate(self.count.tolist()) if n > 0]
+
+    def mean_weights(self) -> torch.Tensor:
+        """[tasks, modules, adapters] mean gate weights (NaN for tasks without examples)."""
+        return self.weight_sum / self.count[:, None, None]
+
+    def mean_entropy(self) -> torch.Tensor:
+        """[tasks, modules] mean routing entropy in nats (NaN for tasks without examples)."""
+        return self.entropy_sum / self.count[:, None]
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        """Scalar metrics per task: mean entropy over modules, mean weight of its own adapter and of the shared ones."""
+        weights, entropy = self.mean_weights(), self.mean_entropy()
+        num_tasks = len(self.task_names)
+        metrics = {}
+        for task in self.tasks_seen:
+            name = self.task_names[task]
+            metrics[f"{prefix}_{name}_routing_entropy"] = float(entropy[task].mean())
+            metrics[f"{prefix}_{name}_routing_own_adapter"] = float(weights[task, :, task].mean())
+            if len(self.adapter_names) > num_tasks:
+                metrics[f"{prefix}_{name}_routing_shared_adapters"] = float(weights[task, :, num_tasks:].sum(-1).mean())
+        return metrics
+
+    def to_dict(self) -> dict:
+        """JSON-ready statistics: per task, per module, the mean weight of every adapter and the entropy."""
+        weights, entropy = self.mean_weights(), self.mean_entropy()
+        tasks = {}
+        for task in self.tasks_seen:
+            tasks[self.task_names[task]] = {
+                "num_examples": int(self.count[task]),
+                "modules": {
+                    module: {
+                        "mean_gate_weight": dict(zip(self.adapter_names, map(float, weights[task, m]))),
+                        "entropy": float(entropy[task, m]),
+                    }
+                    for m, module in enumerate(self.module_names)
+                },
+            }
+        return {"adapters": self.adapter_names, "modules": self.module_names, "tasks": tasks}
+
+    def log_table(self) -> None:
+        """Logs (at INFO level) one line per task and module: entropy and the mean weight of every adapter."""
+        weights, entropy = self.mean_weights(), self.mean_entropy()
+        header = "task | module | entropy | " + " | ".join(self.adapter_names)
+        lines = [header]
+        for task in self.tasks_seen:
+            for m, module in enumerate(self.module_names):
+                values = " | ".join(f"{w:.3f}" for w in weights[task, m].tolist())
+                lines.append(f"{self.task_names[task]} | {module} | {float(entropy[task, m]):.3f} | {values}")
+        logger.info("ALTER routing statistics (mean gate weight per adapter):\n" + "\n".join(lines))
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """
+        Saves a PNG heatmap: one panel per MTA module (rows: tasks, columns: adapters, colour: mean gate weight), and a
+        last panel with the routing entropy per task and module.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tasks = self.tasks_seen
+        if not tasks:
+            raise ValueError("No routing statistics to plot: no example was seen.")
+        task_labels = [self.task_names[t] for t in tasks]
+        weights = self.mean_weights()[tasks].numpy()
+        entropy = self.mean_entropy()[tasks].numpy()
+        num_panels = len(self.module_names) + 1
+        columns = min(4, num_panels)
+        rows = math.ceil(num_panels / columns)
+        width = columns * max(2.6, 0.8 + 0.32 * len(self.adapter_names)) + 1.6
+        height = rows * max(2.2, 0.9 + 0.3 * len(tasks)) + 0.6
+        figure, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False, layout="constrained")
+        annotate = len(tasks) * len(self.adapter_names) <= 120
+        for m, module in enumerate(self.module_names):
+            axis = axes[m // columns][m % columns]
+            image = axis.imshow(weights[:, m, :], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            axis.set_title(module, fontsize=9)
+            axis.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=60, ha="right", fontsize=7)
+            axis.set_yticks(range(len(tasks)), task_labels if m % columns == 0 else [], fontsize=7)
+            if annotate:
+                for i in range(len(tasks)):
+                    for j in range(len(self.adapter_names)):
+                        value = weights[i, m, j]
+                        color = "black" if value > 0.6 else "white"
+                        axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color=color)
+        figure.colorbar(image, ax=[axes[m // columns][m % columns] for m in range(len(self.module_names))],
+                        shrink=0.8, label="mean gate weight")
+        axis = axes[(num_panels - 1) // columns][(num_panels - 1) % columns]
+        image = axis.imshow(entropy, vmin=0.0, vmax=max(math.log(len(self.adapter_names)), 1e-6), cmap="magma",
+                            aspect="auto")
+        axis.set_title("routing entropy (nats)", fontsize=9)
+        axis.set_xticks(range(len(self.module_names)), self.module_names, rotation=60, ha="right", fontsize=7)
+        axis.set_yticks(range(len(tasks)), task_labels, fontsize=7)
+        figure.colorbar(image, ax=axis, shrink=0.8)
+        for extra in range(num_panels, rows * columns):
+            axes[extra // columns][extra % columns].axis("off")
+        if title:
+            figure.suptitle(title)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+
+def mta_module_labels(model) -> list[str]:
+    """Short names of the model's MTA modules in `routing_weights` order, e.g. `enc0.ffn`, `dec1.cross_attn`."""
+    kinds = {"AlterLayerSelfAttention": "self_attn", "AlterLayerCrossAttention": "cross_attn", "AlterLayerFF": "ffn"}
+    labels = []
+    for name in model.mta_modules():
+        parts = name.split(".")
+        stack = "enc" if "encoder" in parts else "dec"
+        block = parts[parts.index("block") + 1] if "block" in parts else "?"
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        labels.append(f"{stack}{block}.{kinds.get(type(parent).__name__, type(parent).__name__)}")
+    return labels
+
+
+class AlterTrainer(Seq2SeqTrainer):
+    r"""
+    A [`Seq2SeqTrainer`] for [`AlterForConditionalGeneration`] that trains both stages in one `train()` call and
+    evaluates per task.
+
+    - **Stages**: a [`StageSwitchCallback`] (made from `args`, or the one passed in `callbacks`) switches the model to
+      stage 2 at the configured step or epoch; the optimizer holds exactly the current stage's trainable parameters,
+      and each stage has its own learning rate and schedule. Checkpoints record the stage, so
+      `train(resume_from_checkpoint=...)` continues in either stage exactly as the uninterrupted run.
+    - **Loss**: the model's loss (cross-entropy summed over label tokens and divided by the number of label tokens of
+      the whole accumulated batch, so gradient accumulation keeps the loss scale, plus `router_aux_loss_coef` times the
+      router's load-balancing loss in stage 2). Training logs carry `aux_loss` (the unweighted auxiliary loss) and
+      `stage`.
+    - **Evaluation**: with a dict `{task: dataset}` as evaluation set, `evaluate()` reports per task
+      `{prefix}_{task}_loss` and `{prefix}_{task}_{metric}` (the metric named by `task_metrics[task]`, default
+      `exact_match`, computed on `model.generate(..., task_ids=...)` outputs against the dataset's `target_text`
+      column or its decoded labels), their means `{prefix}_loss` and `{prefix}_mean_score`, and routing statistics
+      per task (`{prefix}_{task}_routing_entropy`, `_routing_own_adapter`, `_routing_shared_adapters`; the per-module
+      tables are in `trainer.routing_stats` and logged at INFO level). A single dataset is evaluated as by
+      `Seq2SeqTrainer`.
+    - **End of training**: routing statistics on the evaluation set (or on up to `args.routing_max_samples` training
+      examples) are saved to `routing_stats.json` and drawn in `routing_heatmap.png` in `args.output_dir`.
+    - **Distributed**: DDP (`torchrun`, `accelerate launch`) registers the parameters of both stages when it wraps the
+      model, so the parameters that become trainable at the switch are all-reduced; FSDP needs `use_orig_params=True`
+      (checked); DeepSpeed fixes its parameter groups when it initializes, so a switch inside one `train()` call is
+      refused with an explanation (train the two stages in two `train()` calls instead).
+
+    Args:
+        model ([`AlterForConditionalGeneration`]): the model to train.
+        args ([`AlterTrainingArguments`]): the training arguments (default: `AlterTrainingArguments("trainer_output")`).
+        task_metrics (`dict[str, str]`, *optional*): task name -> generation metric name, one of
+            `modeling_alter.metrics.METRICS` (`exact_match`, `accuracy`, `token_f1`, `rouge_l`).
+        optimizer_cls_and_kwargs (`tuple[type, dict]`, *optional*): the optimizer class and its keyword arguments for
+            both stages (as in [`Trainer`]); the learning rate is each stage's.
+        The other arguments are those of [`Seq2SeqTrainer`]. Without `data_collator`, a [`MultiTaskDataCollator`] over
+        `processing_class` is used. `optimizers` and `model_init` are not accepted (each stage builds its own
+        optimizer, and the ALTER model is given as `model`).
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args: AlterTrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        task_metrics: dict[str, str] | None = None,
+        optimizer_cls_and_kwargs=None,
+    ):
+        if args is None:
+            args = AlterTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, AlterTrainingArguments):
+            raise ValueError(
+                f"AlterTrainer needs AlterTrainingArguments (with the stage settings), got {type(args).__name__}."
+            )
+        if model_init is not None:
+            raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
+        if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
+            raise ValueError(f"AlterTrainer trains an AlterForConditionalGeneration, got {type(model).__name__}.")
+        if optimizers is not None and any(o is not None for o in optimizers):
+            raise ValueError(
+                "AlterTrainer does not accept `optimizers`: it builds a new optimizer and schedule for each stage. "
+                "Pass `optimizer_cls_and_kwargs` to choose the optimizer class of both stages."
+            )
+        if data_collator is None and processing_class is not None and hasattr(processing_class, "pad"):
+            from .data import MultiTaskDataCollator
+
+            data_collator = MultiTaskDataCollator(processing_class)
+        self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
+        callbacks = list(callbacks or [])
+        given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]
+        if len(given) > 1:
+            raise ValueError(f"Pass at most one StageSwitchCallback, got {len(given)}.")
+        if given and (args.stage1_steps is not None or args.stage1_epochs is not None):
+            raise ValueError(
+                f"A StageSwitchCallback was passed and args also set stage1_steps={args.stage1_steps!r} / "
+                f"stage1_epochs={args.stage1_epochs!r}: configure the switch in one place."
+            )
+        if not given:
+            callbacks.append(StageSwitchCallback.from_args(args))
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # Seq2SeqTrainer does not forward it; Trainer.create_optimizer reads it for both stages.
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.stage_callback.bind(self)
+        self.routing_stats = None
+        self._routing_collector = None
+        self._aux_loss_sum = torch.zeros(())
+        self._aux_loss_count = 0
+        self._last_train_stage = None
+
+    @staticmethod
+    def _check_task_metrics(task_metrics, task_names):
+        task_metrics = dict(task_metrics or {})
+        for task, metric in task_metrics.items():
+            if task not in task_names:
+                raise ValueError(f"task_metrics names an unknown task {task!r}; the model's tasks are {list(task_names)}.")
+            if metric not in METRICS:
+                raise ValueError(
+                    f"task_metrics[{task!r}]={metric!r} is not a known metric; expected one of {sorted(METRICS)}."
+                )
+        return task_metrics
+
+    # ---- model and stage ----------------------------------------------------------------------------------------
+
+    @property
+    def alter_model(self):
+        """The unwrapped [`AlterForConditionalGeneration`] (outside DDP/FSDP/compile wrappers)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def stage_callback(self) -> StageSwitchCallback:
+        """The [`StageSwitchCallback`] of this trainer (bound to it)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StageSwitchCallback):
+                callback.bind(self)
+                return callback
+        raise ValueError("AlterTrainer has no StageSwitchCallback: do not remove it from the callbacks.")
+
+    @property
+    def stage1_metrics(self) -> dict | None:
+        """Evaluation metrics of the stage-1 model, taken just before the switch (see `eval_on_stage_switch`)."""
+        return self.stage_callback.stage1_metrics
+
+    def _resolve_checkpoint(self, resume_from_checkpoint):
+        if resume_from_checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
+            return checkpoint
+        if resume_from_checkpoint in (None, False):
+            return None
+        return str(resume_from_checkpoint)
+
+    def _restore_stage(self, checkpoint: str) -> None:
+        """Reads the stage recorded in `checkpoint` (callback state, and `stage` of its `config.json`)."""
+        callback = self.stage_callback
+        config_stage = None
+        config_path = os.path.join(checkpoint, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                config_stage = json.load(handle).get("stage")
+        attributes = None
+        state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        if os.path.isfile(state_path):
+            stored = TrainerState.load_from_json(state_path).stateful_callbacks.get(type(callback).__name__)
+            if isinstance(stored, list):
+                stored = stored[0] if stored else None
+            if stored is not None:
+                attributes = stored.get("attributes", {})
+        if attributes is not None and attributes.get("stage") is not None:
+            callback.restore(attributes)
+            if config_stage is not None and config_stage != callback.stage:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} is inconsistent: its trainer state says stage {callback.stage} but its "
+                    f"config.json says stage {config_stage}."
+                )
+        elif config_stage is not None:
+            callback.restore({"stage": config_stage, "switch_step": None, "stage1_metrics": None})
+        else:
+            raise ValueError(f"Checkpoint {checkpoint} records no ALTER stage (no config.json nor stage state).")
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """
+        Runs both stages (see [`Trainer.train`]). Resuming from a checkpoint continues in the stage it records, with
+        that stage's optimizer and schedule. At the end, saves the routing statistics and heatmap (see
+        `args.save_routing_heatmap`).
+        """
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        callback = self.stage_callback
+        model = self.alter_model
+        if checkpoint is not None:
+            self._restore_stage(checkpoint)
+        else:
+            callback.reset(model.config.stage)
+            if model.config.stage == 2 and callback.configures_switch:
+                raise ValueError(
+                    f"The model is already in stage 2 but a switch is configured (stage1_steps={callback.stage1_steps!r},"
+                    f" stage1_epochs={callback.stage1_epochs!r}): call model.set_stage(1) first, or unset both to "
+                    "train stage 2 only."
+                )
+        model.set_stage(callback.stage)
+        switch_during_training = callback.stage == 1 and callback.configures_switch and callback.stage1_steps != 0
+        if self.is_deepspeed_enabled and switch_during_training:
+            raise ValueError(
+                "DeepSpeed fixes the trainable parameters and optimizer groups when it initializes its engine, so "
+                "ALTER cannot switch stages inside one train() call under DeepSpeed. Train the stages in two calls: "
+                "(1) with stage1_steps/stage1_epochs unset, train stage 1 and save; (2) call model.set_stage(2) and "
+                "train again with a new AlterTrainer (learning_rate = the stage-2 learning rate)."
+            )
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", False):
+                raise ValueError(
+                    "FSDP with use_orig_params=False flattens parameters with different requires_grad together, "
+                    "which ALTER's stages cannot train: set fsdp_config={'use_orig_params': True}."
+                )
+        self._aux_loss_sum = torch.zeros(())
+        self._aux_loss_count = 0
+        output = super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+        if self.args.save_routing_heatmap:
+            self.save_routing_report(self.args.output_dir)
+        return output
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        num_update_steps_per_epoch, max_steps = values[1], values[-1]
+        callback = self.stage_callback
+        planned = callback.plan(num_update_steps_per_epoch, max_steps)
+        if callback.stage == 1 and planned == 0:
+            self.alter_model.set_stage(2)
+            callback.stage, callback.switch_step = 2, 0
+        if callback.stage == 2 and callback.switch_step is None:
+            # A stage-2 checkpoint written without callback state: assume the configured switch.
+            callback.switch_step = planned or 0
+        return values
+
+    # ---- optimizer, schedule and distributed wrapping ------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_model_with_all_stages(model, *args, **kwargs):
+            # DDP registers the parameters that require grad when it wraps the model (and FSDP sets the flat
+            # parameters' requires_grad): make the parameters of both stages trainable while wrapping, so that those
+            # becoming trainable at the switch are all-reduced too; then restore the current stage.
+            with self._all_stages_trainable(model):
+                return prepare_model(model, *args, **kwargs)
+
+        self.accelerator.prepare_model = prepare_model_with_all_stages
+
+    @contextlib.contextmanager
+    def _all_stages_trainable(self, model):
+        inner = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if not hasattr(inner, "trainable_parameter_names"):
+            yield
+            return
+        names = inner.trainable_parameter_names(1) | inner.trainable_parameter_names(2)
+        saved = {name: p.requires_grad for name, p in inner.named_parameters()}
+        for name, param in inner.named_parameters():
+            param.requires_grad_(name in names)
+        try:
+            yield
+        finally:
+            for name, param in inner.named_parameters():
+                param.requires_grad_(saved[name])
+
+    def _stage_learning_rate(self) -> float:
+        callback = self.stage_callback
+        if callback.stage == 2 and callback.stage2_learning_rate is not None:
+            return callback.stage2_learning_rate
+        return self.args.learning_rate
+
+    def create_optimizer(self, model=None):
+        """
+        Creates the optimizer of the current stage: `args.optim` (or `optimizer_cls_and_kwargs`) over exactly the
+        parameters that train in it, with the stage's learning rate.
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        stage = self.stage_callback.stage or self.alter_model.config.stage
+        opt_model = self.model if model is None else model
+        expected = self.alter_model.trainable_parameter_names(stage)
+        trainable = {name for name, p in self.alter_model.named_parameters() if p.requires_grad}
+        if trainable != expected:
+            raise ValueError(
+                f"The model's trainable parameters do not match stage {stage}: call model.set_stage({stage}) instead "
+                f"of changing requires_grad by hand (unexpected: {sorted(trainable - expected)[:5]}, missing: "
+                f"{sorted(expected - trainable)[:5]})."
+            )
+        optimizer = super().create_optimizer(opt_model)
+        learning_rate = self._stage_learning_rate()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for group in inner.param_groups:
+            group["lr"] = learning_rate
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """
+        Creates the learning-rate schedule of the current stage. Stage 1 runs `args.lr_scheduler_type` with
+        `args.warmup_steps` until the switch; stage 2 runs `stage2_lr_scheduler_type` with `stage2_warmup_steps` from
+        the switch to the end of training.
+        """
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        callback = self.stage_callback
+        if callback.stage != 2:
+            stage1_steps = callback.planned_switch_step or num_training_steps
+            return super().create_scheduler(stage1_steps, optimizer)
+        num_steps = max(num_training_steps - (callback.switch_step or 0), 1)
+        warmup = callback.stage2_warmup_steps
+        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(num_steps * warmup)
+        self.lr_scheduler = get_scheduler(
+            callback.stage2_lr_scheduler_type or self.args.lr_scheduler_type,
+            optimizer=optimizer if optimizer is not None else self.optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=num_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def rebuild_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """
+        Replaces the optimizer and the learning-rate schedule by new ones for the model's current trainable set (used
+        by [`StageSwitchCallback`] at the switch). The distributed wrapper of the model is kept: it already registers
+        the parameters of both stages.
+        """
+        old = self.optimizer
+        accelerated = getattr(self.accelerator, "_optimizers", None)
+        if accelerated is not None and old in accelerated:
+            accelerated.remove(old)
+        self.optimizer, self.lr_scheduler = None, None
+        self.create_optimizer()
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        self.create_scheduler(num_training_steps=num_training_steps, optimizer=self.optimizer)
+        self.callback_handler.optimizer = self.optimizer
+        self.callback_handler.lr_scheduler = self.lr_scheduler
+
+    # ---- loss and logs ------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._last_train_stage = self.alter_model.config.stage
+            aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+            if aux_loss is not None:
+                self._aux_loss_sum = self._aux_loss_sum.to(aux_loss.device) + aux_loss.detach().float()
+                self._aux_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `stage` and `aux_loss` (mean unweighted router auxiliary loss since the last log) to training logs."""
+        if "loss" in logs and self._last_train_stage is not None:
+            logs["stage"] = self._last_train_stage
+            if self._aux_loss_count:
+                aux_loss = (self._aux_loss_sum / self._aux_loss_count).float()
+                if self.accelerator.num_processes > 1:
+                    aux_loss = self.accelerator.gather(aux_loss.to(self.accelerator.device)).mean()
+                logs["aux_loss"] = round(float(aux_loss), 6)
+                self._aux_loss_sum = torch.zeros(())
+                self._aux_loss_count = 0
+        super().log(logs, start_time)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+
+    def _new_routing_statistics(self) -> RoutingStatistics:
+        model = self.alter_model
+        config = model.config
+        adapters = list(config.task_names) + [f"shared_{i}" for i in range(config.num_shared_adapters)]
+        return RoutingStatistics(config.task_names, mta_module_labels(model), adapters)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """
+        [`Seq2SeqTrainer.prediction_step`]; while routing statistics are collected (per-task evaluation), the loss
+        forward also returns the routing weights, which are accumulated per task.
+        """
+        collector = self._routing_collector
+        if collector is None or "task_ids" not in inputs or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, output_routing_weights=True)
+        if self.label_smoother is not None:
+            loss = self.label_smoother(outputs, inputs["labels"]).detach().mean()
+        else:
+            loss = outputs["loss"].detach().mean()
+        statistics = (inputs["task_ids"], outputs["routing_weights"], outputs["routing_entropy"])
+        if self.accelerator.num_processes > 1:
+            # Every process accumulates the statistics of the whole batch, without the samples that the distributed
+            # sampler repeats to even out the last batches.
+            statistics = self.accelerator.gather_for_metrics(statistics)
+        collector.update(*statistics)
+        if prediction_loss_only or self.args.prediction_loss_only:
+            return loss, None, None
+        labels = inputs["labels"]
+        if not self.args.predict_with_generate:
+            return loss, outputs["logits"].detach(), labels
+        generation_inputs = {
+            k: v for k, v in inputs.items() if k not in ("labels", "decoder_input_ids", "decoder_attention_mask")
+        }
+        _, generated_tokens, _ = super().prediction_step(
+            model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
+        )
+        return loss, generated_tokens, labels
+
+    def _decode(self, token_ids) -> list[str]:
+        tokenizer = self.processing_class
+        if tokenizer is None or not hasattr(tokenizer, "batch_decode"):
+            raise ValueError("AlterTrainer needs `processing_class` (the tokenizer) to decode generations for metrics.")
+        token_ids = np.asarray(token_ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        token_ids = np.where(token_ids < 0, pad, token_ids)
+        return tokenizer.batch_decode(token_ids.tolist(), skip_special_tokens=True)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """
+        Evaluates the model. With a dict `{task: dataset}` (passed, or as the trainer's `eval_dataset`), evaluates each
+        task: loss, the task's generation metric (`task_metrics`, default `exact_match`) and routing statistics, plus
+        the means over tasks `{prefix}_loss` and `{prefix}_mean_score` (see the class docstring). Otherwise behaves as
+        [`Seq2SeqTrainer.evaluate`]. `gen_kwargs` go to `model.generate` (e.g. `max_new_tokens`, `num_beams`).
+        """
+        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not isinstance(datasets, dict):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
+        if not datasets:
+            raise ValueError("eval_dataset is an empty dict: give at least one task's evaluation set.")
+
+        self._memory_tracker.start()
+        gen_kwargs = gen_kwargs.copy()
+        if gen_kwargs.get("max_length") is None and gen_kwargs.get("max_new_tokens") is None:
+            if self.args.generation_max_length is not None:
+                gen_kwargs["max_length"] = self.args.generation_max_length
+        if gen_kwargs.get("num_beams") is None and self.args.generation_num_beams is not None:
+            gen_kwargs["num_beams"] = self.args.generation_num_beams
+        self._gen_kwargs = gen_kwargs
+
+        start_time = time.time()
+        metrics, losses, scores, num_samples = {}, [], [], 0
+        collector = self._new_routing_statistics()
+        self._routing_collector = collector
+        generate = self.args.predict_with_generate and not self.args.prediction_loss_only
+        try:
+            for task, dataset in datasets.items():
+                # Drop the samples that distributed sampling repeats, so that predictions pair up with references.
+                self.gather_function = self.accelerator.gather_for_metrics
+                dataloader = self.get_eval_dataloader(dataset)
+                output = self.evaluation_loop(
+                    dataloader,
+                    description=f"Evaluation of {task}",
+                    prediction_loss_only=not generate,
+                    ignore_keys=ignore_keys,
+                    metric_key_prefix=f"{metric_key_prefix}_{task}",
+                )
+                num_samples += output.num_samples
+                metrics.update(output.metrics)
+                loss = output.metrics.get(f"{metric_key_prefix}_{task}_loss")
+                if loss is not None:
+                    losses.append(loss)
+                if generate and output.predictions is not None:
+                    predictions = self._decode(output.predictions)
+                    if hasattr(dataset, "column_names") and "target_text" in dataset.column_names:
+                        references = list(dataset["target_text"])
+                    elif output.label_ids is not None:
+                        references = self._decode(output.label_ids)
+                    else:
+                        raise ValueError(
+                            f"The evaluation set of task {task!r} has neither a `target_text` column nor labels, so "
+                            "its generations cannot be scored."
+                        )
+                    metric = self.task_metrics.get(task, "exact_match")
+                    score = compute_metric(metric, predictions, references)
+                    metrics[f"{metric_key_prefix}_{task}_{metric}"] = score
+                    scores.append(score)
+        finally:
+            self._routing_collector = None
+
+        self.routing_stats = collector
+        metrics.update(collector.summary(metric_key_prefix))
+        collector.log_table()
+        if losses:
+            metrics[f"{metric_key_prefix}_loss"] = float(np.mean(losses))
+        if scores:
+            metrics[f"{metric_key_prefix}_mean_score"] = float(np.mean(scores))
+        total_batch_size = self.args.eval_batch_size * self.args.world_size
+        metrics.update(
+            speed_metrics(
+                metric_key_prefix, start_time, num_samples=num_samples, num_steps=math.ceil(num_samples / total_batch_size)
+            )
+        )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    # ---- routing report -----------------------------------------------------------------------------------------
+
+    def compute_routing_statistics(self, dataset=None) -> RoutingStatistics:
+        """
+        Runs the model (forward only) over `dataset` (a dataset with `task_ids`, or a dict of them; default: the
+        evaluation set, else up to `args.routing_max_samples` training examples) and returns the per-task routing
+        statistics. Every process must call it.
+        """
+        if dataset is None:
+            dataset = self.eval_dataset
+        if dataset is None:
+            dataset = self.train_dataset
+            if dataset is not None and hasattr(dataset, "select") and len(dataset) > self.args.routing_max_samples:
+                dataset = dataset.select(range(self.args.routing_max_samples))
+        if dataset is None:
+            raise ValueError("compute_routing_statistics needs a dataset: the trainer has no evaluation or training set.")
+        datasets = dataset if isinstance(dataset, dict) else {"all": dataset}
+        collector = self._new_routing_statistics()
+        self._routing_collector = collector
+        try:
+            for name, part in datasets.items():
+                self.evaluation_loop(
+                    self.get_eval_dataloader(part),
+                    description=f"Routing statistics ({name})",
+                    prediction_loss_only=True,
+                    metric_key_prefix="routing",
+                )
+        finally:
+            self._routing_collector = None
+        return collector
+
+    def save_routing_report(self, output_dir: str | os.PathLike | None = None, dataset=None) -> RoutingStatistics:
+        """
+        Computes the routing statistics (see `compute_routing_statistics`) and saves them to `routing_stats.json` and
+        `routing_heatmap.png` in `output_dir` (default `args.output_dir`) on the main process.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        stats = self.compute_routing_statistics(dataset)
+        self.routing_stats = stats
+        if self.args.should_save and stats.tasks_seen:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, ROUTING_STATS_NAME), "w", encoding="utf-8") as handle:
+                json.dump({"stage": self.alter_model.config.stage, **stats.to_dict()}, handle, indent=2)
+            stats.plot(
+                os.path.join(output_dir, ROUTING_HEATMAP_NAME),
+                title=f"ALTER routing (stage {self.alter_model.config.stage}, step {self.state.global_step})",
+            )
+        return stats
+
+
+__all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "mta_module_labels"]
