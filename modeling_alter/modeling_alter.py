@@ -514,11 +514,15 @@ class AlterStack(nn.Module):
         output_hidden_states: bool | None = None,
         output_routing_weights: bool = False,
         return_dict: bool | None = None,
+        routing_token_mask: torch.Tensor | None = None,
     ):
         r"""
         task_ids (`torch.LongTensor` of shape `(batch_size,)`):
             Each example's task (index into `config.task_names`). Required in stage 1; optional in stage 2, where
             `None` routes from the hidden states alone. The value `num_tasks` stands for "unknown task".
+        routing_token_mask (`torch.Tensor` of shape `(batch_size, length)`, *optional*):
+            The tokens counted in the routing statistics and the load-balancing loss; defaults to `attention_mask` in
+            the encoder and to every token in the decoder.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -527,7 +531,13 @@ class AlterStack(nn.Module):
                 raise ValueError("The ALTER decoder takes `inputs_embeds` (embedded with `model.shared`).")
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        routing = _build_routing(self.config, task_ids, batch, attention_mask if not self.is_decoder else None,
+        if routing_token_mask is not None and routing_token_mask.shape != (batch, length):
+            raise ValueError(
+                f"routing_token_mask has shape {tuple(routing_token_mask.shape)}; expected ({batch}, {length})."
+            )
+        if routing_token_mask is None and not self.is_decoder:
+            routing_token_mask = attention_mask  # its shape is checked below
+        routing = _build_routing(self.config, task_ids, batch, routing_token_mask,
                                  output_routing_weights, unknown_allowed=True, device=inputs_embeds.device)
         hidden_states = self.dropout(inputs_embeds)
         dtype = hidden_states.dtype
@@ -905,6 +915,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_routing_weights=output_routing_weights,
+            routing_token_mask=None if labels is None else (labels != -100).to(decoder_inputs_embeds.device),
         )
 
         sequence_output = decoder_outputs.last_hidden_state

@@ -311,3 +311,20 @@ def test_corrupt_checkpoint_fails_clearly(tmp_path):
 def test_unexpected_forward_arguments_are_rejected():
     with pytest.raises(ValueError, match=r"Unexpected arguments \['task_id'\]"):
         tiny_alter()(**random_batch(), task_ids=torch.tensor([0, 1, 2, 0]), task_id=1)
+
+
+def test_decoder_routing_statistics_ignore_padded_targets():
+    model = tiny_alter()
+    model.set_stage(2)
+    with torch.no_grad():
+        for mta in model.mta_modules().values():
+            mta.gate_mix.fill_(0.5)
+    batch = random_batch(batch=2, pad=False)
+    batch["labels"][1, 3:] = -100
+    task_ids = torch.tensor([0, 2])
+    with torch.no_grad():
+        together = model(**batch, task_ids=task_ids, output_routing_weights=True)
+        alone = model(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:],
+                      labels=batch["labels"][1:, :3], task_ids=task_ids[1:], output_routing_weights=True)
+    torch.testing.assert_close(together.routing_weights[1], alone.routing_weights[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.routing_entropy[1], alone.routing_entropy[0], atol=1e-5, rtol=1e-5)
