@@ -169,7 +169,8 @@ class AlterMTA(nn.Module):
     - stage 1 reads one adapter per distinct task of the batch (a one-task batch: exactly one adapter);
     - stage 2 computes every adapter for every token with one batched GEMM per projection and bank (task, shared),
       or, on CPU when it skips enough work (top-k over many tokens or many adapters), only the (token, adapter)
-      pairs that may have a weight; at inference with `gate_mix == 0` (right after the switch) it is stage 1;
+      pairs that may have a weight; at inference with `gate_mix <= 0` (right after the switch) the task adapters
+      are computed as in stage 1 (one per example), plus the shared adapters weighted by the gate;
     - weights are used in place: never concatenated, copied into a cache, or differentiated when frozen.
     """
 
@@ -217,33 +218,35 @@ class AlterMTA(nn.Module):
 
     def _gate(self, u, own: OwnTasks):
         """Task adapters `w = (1 - m) * onehot(task) + m * gate` with `m = clamp(gate_mix, 0, 1)` (`m = 1` for the
-        unknown task), shared adapters `w = gate`; the softmax; and the adapters a token may weight whatever the
-        values ([batch, length, n] bool: its top k and its own task; None: all)."""
+        unknown task), shared adapters `w = gate`; the softmax; and with top-k each token's top k indices."""
         rows = self.task_embedding.weight.float()[own.embedding_rows][:, None]
         probs = (F.linear(u.float(), self.router.weight.float()) + rows).softmax(-1)
-        gate, support = probs, None
+        gate, top_index = probs, None
         if self.top_k is not None and self.top_k < self.num_adapters:
             top_values, top_index = probs.topk(self.top_k, dim=-1)
             gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
-            support = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True) | (own.one_hot > 0)
         mix = torch.where(own.known, self.gate_mix.float().clamp(0, 1), 1.0)
         weights = torch.lerp(own.one_hot, gate, mix)
         # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
         # not move the output, and they and the gate learn from the first stage-2 step.
         weights = torch.cat([weights[..., : self.num_tasks], gate[..., self.num_tasks :]], -1)
-        return weights, probs, support
+        return weights, probs, top_index
 
     def _collaboration(self, u, routing):
-        weights, probs, support = self._gate(u, routing.own_tasks)
+        own = routing.own_tasks
+        weights, probs, top_index = self._gate(u, own)
         training = torch.is_grad_enabled() and weights.requires_grad
         on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
+        support = None  # top-k: the adapters each token may weight whatever the values (its top k and its own task)
+        if top_index is not None and on_cpu:
+            support = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
         if not training and on_cpu and routing.task_groups is not None and float(self.gate_mix) <= 0.0:
             out = self._own_adapters(u, routing)  # the task adapters' weights are exactly one-hot
             if self.shared_down.shape[0]:
                 shared = weights[..., self.num_tasks :].reshape(-1, self.shared_down.shape[0]).to(u.dtype)
                 out = self._weighted_bank(u.reshape(-1, u.shape[-1]), self.shared_down, self.shared_up, shared,
                                           out.reshape(-1, u.shape[-1])).view_as(u)
-        elif support is not None and on_cpu and self._sparse_pays(support):
+        elif support is not None and self._sparse_pays(support):
             out = self._sparse_mixture(u, weights, support)
         else:
             out = self._dense_mixture(u, weights)
@@ -253,8 +256,8 @@ class AlterMTA(nn.Module):
         """Whether computing only the pairs in `support` ([..., n] bool) saves more than it costs: it must skip half
         the (token, adapter) pairs and enough of them to pay for gathering them, or skip reading at least half
         the adapters (which the dense path reads whether used or not)."""
-        support = support.reshape(-1, self.num_adapters)
-        pairs, used = int(support.sum()), int(support.any(0).sum())
+        counts = support.reshape(-1, self.num_adapters).sum(0).tolist()  # pairs per adapter: one host read
+        pairs, used = sum(counts), sum(count > 0 for count in counts)
         skipped = support.numel() - pairs
         return skipped >= max(pairs, _MIN_SKIPPED_PAIRS) or 2 * used <= self.num_adapters
 
