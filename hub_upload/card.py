@@ -173,8 +173,8 @@ def _card_body(
         "",
         "## Usage",
         "",
-        "The model code (`configuration_alter.py`, `modeling_alter.py`) ships in this repository and runs on your "
-        "machine, hence `trust_remote_code=True`; `revision` pins the version of that code you load.",
+        "The model code (`configuration_alter.py`, `modeling_alter.py`, `mta.py`) ships in this repository and runs on "
+        "your machine, hence `trust_remote_code=True`; `revision` pins the version of that code you load.",
         "",
         "```python",
         "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",

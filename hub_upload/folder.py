@@ -1,6 +1,6 @@
 """`prepare`: builds the folder that goes to the Hub from a training run's output directory (or a model in memory).
 
-The folder holds exactly: `config.json` (with `auto_map`), `configuration_alter.py`, `modeling_alter.py`,
+The folder holds exactly: `config.json` (with `auto_map`), `configuration_alter.py`, `modeling_alter.py`, `mta.py`,
 `model.safetensors` (or shards and their index, see `max_shard_size`), `generation_config.json`, the tokenizer files,
 `README.md` (the model card) and `routing_heatmap.png` when the run saved a routing picture. The model is loaded and
 saved again with `save_pretrained` rather than copied, so checkpoints, optimizer states, `training_args.bin` and
@@ -19,7 +19,7 @@ from .results import EvalResults, find_result_files, read_eval_results
 from .safety import IMAGE_SIGNATURES, scan_folder
 
 
-CODE_FILES = ("configuration_alter.py", "modeling_alter.py")
+CODE_FILES = ("configuration_alter.py", "modeling_alter.py", "mta.py")
 ROUTING_IMAGE_NAME = "routing_heatmap"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

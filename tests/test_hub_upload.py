@@ -52,6 +52,7 @@ EXPECTED_FILES = {
     "generation_config.json",
     "model.safetensors",
     "modeling_alter.py",
+    "mta.py",
     "routing_heatmap.png",
     "tokenizer_config.json",
 }
@@ -154,7 +155,7 @@ def test_prepare_writes_exactly_the_hub_files(prepared):
         "AutoModelForSeq2SeqLM": "modeling_alter.AlterForConditionalGeneration",
     }
     assert config["task_names"] == TASKS and config["stage"] == 2
-    for name in ("configuration_alter.py", "modeling_alter.py"):
+    for name in ("configuration_alter.py", "modeling_alter.py", "mta.py"):
         assert (prepared.path / name).read_bytes() == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     assert (prepared.path / "routing_heatmap.png").read_bytes() == tiny_png()
     assert prepared.results.sources == ["all_results.json"]
@@ -655,7 +656,8 @@ def test_push_model_pushes_model_tokenizer_and_card_in_one_commit(monkeypatch):
     files = recorder.calls[1][2]
     shards = [name for name in files if name.startswith("model-0")]
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
-    assert {"README.md", "config.json", "configuration_alter.py", "modeling_alter.py", "tokenizer_config.json"} <= set(
+    assert {"README.md", "config.json", "configuration_alter.py", "modeling_alter.py", "mta.py",
+            "tokenizer_config.json"} <= set(
         files
     )
     assert b"| 0 | `copy` | exact_match | 0.5000 | 0.8000 |" in files["README.md"]
@@ -672,7 +674,7 @@ def test_model_push_to_hub_uploads_the_code_files(monkeypatch):
     tiny_model().push_to_hub(REPO_ID, private=True, commit_message="Upload model", token=FAKE_TOKEN)
     assert recorder.names() == ["create_repo", "create_commit"]
     files = recorder.calls[1][2]
-    for name in ("configuration_alter.py", "modeling_alter.py"):
+    for name in ("configuration_alter.py", "modeling_alter.py", "mta.py"):
         assert files[name] == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     auto_map = json.loads(files["config.json"])["auto_map"]
     assert auto_map["AutoModelForSeq2SeqLM"] == "modeling_alter.AlterForConditionalGeneration"

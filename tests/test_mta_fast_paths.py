@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import modeling_alter.modeling_alter as modeling
+import modeling_alter.mta as modeling
 from conftest import random_batch, tiny_alter
 from modeling_alter import AlterConfig
-from modeling_alter.modeling_alter import AlterMTA, _build_routing
+from modeling_alter.mta import AlterMTA, build_routing
 
 D, R = 32, 8  # 16-byte aligned rows, so the CPU grouped GEMM path runs
 
@@ -105,7 +105,7 @@ def make_mta(num_tasks=4, shared=1, top_k=None, mix=0.4, seed=0, dtype=torch.flo
 
 def routing_for(config, task_ids, batch, stage, mask=None, stats=False):
     config.stage = stage
-    return _build_routing(config, task_ids, batch, mask, stats, unknown_allowed=True)
+    return build_routing(config, task_ids, batch, mask, stats, unknown_allowed=True)
 
 
 def set_trainable(mta, stage):

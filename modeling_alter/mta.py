@@ -1,0 +1,362 @@
+"""The Mixture-of-Task-Adapters (MTA) module and its routing, shared by every ALTER backbone family.
+
+An MTA module sits parallel to the sublayer it extends and reads the same normalised input `u`:
+
+    y = x + Sublayer(u) + sum_j w_j * U_j act(D_j u)
+
+Stage 1 ("task selector"): `w` is one-hot on the example's own task adapter, and only that adapter is computed.
+Stage 2 ("collaboration"): `w = (1 - m) * onehot(task) + m * gate(u, task)`, where `gate` is a token-level softmax
+over the T task and S shared adapters (optionally top-k) and `m` is a learned per-module mix that starts at 0, so
+the output does not move at the switch. Examples without a task id (or whose id was dropped during training) use
+the gate alone, fed by an "unknown task" embedding.
+
+Routing reaches every module through an explicit `TaskRouting` argument built once per forward (`build_routing`); no
+module keeps routing state between calls. The module reads from its config only `hidden_size`, `adapter_dim`,
+`adapter_activation`, `num_tasks`, `num_shared_adapters`, `num_adapters` and `router_top_k`, so any backbone's
+config that has these fields can carry it. This file imports only torch and transformers.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    init = nn.init
+
+# Parameters of an MTA module that belong to the task adapters (stage 1); every other MTA parameter is stage 2's.
+TASK_ADAPTER_PARAMETERS = ("task_down", "task_up")
+
+class RowGroups(NamedTuple):
+    """The rows of a matrix sorted by adapter: block g (`sizes[g]` consecutive rows) goes through `adapters[g]`."""
+
+    adapters: tuple[int, ...]  # ascending; only adapters with at least one row
+    sizes: tuple[int, ...]
+    offsets: torch.Tensor  # int32 [n]: cumulative row counts over every adapter of the bank (`grouped_mm`'s `offs`)
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "RowGroups":
+        """From the number of rows of every adapter of a bank (`counts[j]` rows for adapter j)."""
+        adapters = counts.nonzero().squeeze(1)
+        sizes = counts[adapters]
+        return cls(tuple(adapters.tolist()), tuple(sizes.tolist()), counts.cumsum(0, dtype=torch.int32))
+
+    def repeat_rows(self, times: int) -> "RowGroups":
+        """The same groups with every row repeated `times` times (examples -> tokens)."""
+        if times == 1:
+            return self
+        return self._replace(sizes=tuple(s * times for s in self.sizes), offsets=self.offsets * times)
+
+
+class OwnTasks(NamedTuple):
+    """Stage 2: each example's own task as the gate uses it."""
+
+    embedding_rows: torch.Tensor  # [batch] row of `task_embedding`; num_tasks is the unknown task
+    one_hot: torch.Tensor  # [batch, 1, num_adapters] fp32, the own task adapter (all zero for the unknown task)
+    known: torch.Tensor  # [batch, 1, 1] bool
+
+    @classmethod
+    def build(cls, task_ids, batch_size, num_tasks, num_adapters, device) -> "OwnTasks":
+        if task_ids is None:
+            task_ids = torch.full((batch_size,), num_tasks, dtype=torch.long, device=device)
+        known = task_ids < num_tasks
+        own = task_ids.clamp(max=num_tasks - 1)[:, None]
+        one_hot = torch.zeros(batch_size, num_adapters, device=device).scatter_(1, own, known[:, None].float())
+        return cls(task_ids, one_hot[:, None, :], known[:, None, None])
+
+
+class TaskRouting(NamedTuple):
+    """What every MTA module of one stack needs to route one batch; built once per forward."""
+
+    stage: int
+    task_ids: torch.Tensor | None  # [batch]; the value num_tasks means "unknown task"
+    own_tasks: OwnTasks | None  # stage 2
+    task_groups: RowGroups | None  # the distinct tasks and their example counts (None if a task is unknown)
+    order: torch.Tensor | None  # several tasks: example indices sorted by task
+    group_inverse: torch.Tensor | None  # several tasks: restores batch order after sorting by task
+    token_mask: torch.Tensor | None  # [batch, length] bool, tokens counted in the statistics
+    output_stats: bool
+
+
+class MTAStats(NamedTuple):
+    aux_loss: torch.Tensor | None
+    weights: torch.Tensor | None  # [batch, num_adapters]
+    entropy: torch.Tensor | None  # [batch]
+
+
+# Recent PyTorch runs a GEMM per group of rows in one call. Used on CPU at inference only: its backward rejects some
+# gradient layouts and its compile-time checks expect CUDA bf16; elsewhere a loop over the (few, large) groups.
+_grouped_mm = getattr(F, "grouped_mm", None)
+
+# Stage 2 on CPU computes only the (token, adapter) pairs with a weight when that skips at least this many pairs (and
+# half of them): gathering, grouping and scattering the pairs cost about as much as 256 pairs of dense GEMM here.
+_MIN_SKIPPED_PAIRS = 256
+
+
+def _matmul_per_group(x: torch.Tensor, weights: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """`[N, a] -> [N, b]`: block g of the rows of `x` times `weights[groups.adapters[g]]` (`weights`: `[n, a, b]`).
+    Every adapter used is read once, whatever the number of its rows; the others are not read."""
+    weights = weights.to(x.dtype)
+    aligned = all(size * x.element_size() % 16 == 0 for size in weights.shape[1:])
+    if (_grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype != torch.float64
+            and 2 * len(groups.adapters) >= weights.shape[0]  # an empty group costs about a tenth of a used one
+            and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
+            and not torch.compiler.is_compiling()):
+        return _grouped_mm(x, weights, offs=groups.offsets)
+    if torch.is_grad_enabled() and weights.requires_grad:
+        weights = weights.unbind(0)  # its backward fills one gradient of the bank, not one per block
+    blocks = x.split(groups.sizes)
+    return torch.cat([block @ weights[a] for a, block in zip(groups.adapters, blocks)])
+
+
+def _masked_token_mean(values, token_mask):
+    """Mean over dim 1 of [batch, length, ...] values, counting only tokens where `token_mask` is true."""
+    if token_mask is None:
+        return values.mean(1)
+    mask = token_mask.to(values.dtype).view(*token_mask.shape, *([1] * (values.dim() - 2)))
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class AlterMTA(nn.Module):
+    """Mixture-of-Task-Adapters for one sublayer: T task adapters, S shared adapters and the stage-2 gate.
+
+    What it computes, each path checked against the straightforward computation in `tests/test_mta_fast_paths.py`:
+    - stage 1 reads one adapter per distinct task of the batch (a one-task batch: exactly one adapter);
+    - stage 2 computes every adapter for every token with one batched GEMM per projection and bank (task, shared),
+      or, on CPU when it skips enough work (top-k over many tokens or many adapters), only the (token, adapter)
+      pairs that may have a weight; at inference with `gate_mix <= 0` (right after the switch) the task adapters
+      are computed as in stage 1 (one per example), plus the shared adapters weighted by the gate;
+    - weights are used in place: never concatenated, copied into a cache, or differentiated when frozen.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d, r = config.hidden_size, config.adapter_dim
+        self.num_tasks = config.num_tasks
+        self.num_adapters = config.num_adapters
+        self.top_k = config.router_top_k
+        self.task_down = nn.Parameter(torch.empty(config.num_tasks, d, r))
+        self.task_up = nn.Parameter(torch.empty(config.num_tasks, r, d))
+        self.shared_down = nn.Parameter(torch.empty(config.num_shared_adapters, d, r))
+        self.shared_up = nn.Parameter(torch.empty(config.num_shared_adapters, r, d))
+        self.act = ACT2FN[config.adapter_activation]
+        self.router = nn.Linear(d, self.num_adapters, bias=False)
+        # One row per task plus a last row for the unknown task, embedded directly in gate-logit space.
+        self.task_embedding = nn.Embedding(config.num_tasks + 1, self.num_adapters)
+        self.gate_mix = nn.Parameter(torch.zeros(()))
+
+    def forward(self, u: torch.Tensor, routing: TaskRouting) -> tuple[torch.Tensor, MTAStats]:
+        if routing.stage == 2:
+            return self._collaboration(u, routing)
+        stats = MTAStats(None, None, None)
+        if routing.output_stats:
+            weights = F.one_hot(routing.task_ids, self.num_adapters).float()
+            stats = MTAStats(None, weights, torch.zeros(u.shape[0], device=u.device))
+        return self._own_adapters(u, routing), stats
+
+    def _own_adapters(self, u, routing):
+        """Each example's own task adapter (stage 1): examples sorted by task, one GEMM per task's block of rows."""
+        groups = routing.task_groups
+        if len(groups.adapters) == 1:
+            task = groups.adapters[0]
+            return self.act(u @ self.task_down[task].to(u.dtype)) @ self.task_up[task].to(u.dtype)
+        x = u.index_select(0, routing.order).flatten(0, 1)
+        tokens = groups.repeat_rows(u.shape[1])
+        hidden = self.act(_matmul_per_group(x, self.task_down, tokens))
+        return _matmul_per_group(hidden, self.task_up, tokens).view_as(u).index_select(0, routing.group_inverse)
+
+    def gate_weights(self, u: torch.Tensor, task_ids: torch.Tensor | None):
+        """Stage-2 routing in fp32: returns the mixture weights `w` [batch, length, n] and the gate's softmax."""
+        own = OwnTasks.build(task_ids, u.shape[0], self.num_tasks, self.num_adapters, u.device)
+        weights, probs, _ = self._gate(u, own)
+        return weights, probs
+
+    def _gate(self, u, own: OwnTasks):
+        """Task adapters `w = (1 - m) * onehot(task) + m * gate` with `m = clamp(gate_mix, 0, 1)` (`m = 1` for the
+        unknown task), shared adapters `w = gate`; the softmax; and with top-k each token's top k indices."""
+        rows = self.task_embedding.weight.float()[own.embedding_rows][:, None]
+        probs = (F.linear(u.float(), self.router.weight.float()) + rows).softmax(-1)
+        gate, top_index = probs, None
+        if self.top_k is not None and self.top_k < self.num_adapters:
+            top_values, top_index = probs.topk(self.top_k, dim=-1)
+            gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
+        mix = torch.where(own.known, self.gate_mix.float().clamp(0, 1), 1.0)
+        weights = torch.lerp(own.one_hot, gate, mix)
+        # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
+        # not move the output, and they and the gate learn from the first stage-2 step.
+        weights = torch.cat([weights[..., : self.num_tasks], gate[..., self.num_tasks :]], -1)
+        return weights, probs, top_index
+
+    def _collaboration(self, u, routing):
+        own = routing.own_tasks
+        weights, probs, top_index = self._gate(u, own)
+        training = torch.is_grad_enabled() and weights.requires_grad
+        on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
+        support = None  # top-k: the adapters each token may weight whatever the values (its top k and its own task)
+        if top_index is not None and on_cpu:
+            support = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
+        if not training and on_cpu and routing.task_groups is not None and float(self.gate_mix) <= 0.0:
+            out = self._own_adapters(u, routing)  # the task adapters' weights are exactly one-hot
+            if self.shared_down.shape[0]:
+                shared = weights[..., self.num_tasks :].reshape(-1, self.shared_down.shape[0]).to(u.dtype)
+                out = self._weighted_bank(u.reshape(-1, u.shape[-1]), self.shared_down, self.shared_up, shared,
+                                          out.reshape(-1, u.shape[-1])).view_as(u)
+        elif support is not None and self._sparse_pays(support):
+            out = self._sparse_mixture(u, weights, support)
+        else:
+            out = self._dense_mixture(u, weights)
+        return out, self._gate_stats(weights, probs, routing)
+
+    def _sparse_pays(self, support):
+        """Whether computing only the pairs in `support` ([..., n] bool) saves more than it costs: it must skip half
+        the (token, adapter) pairs and enough of them to pay for gathering them, or skip reading at least half
+        the adapters (which the dense path reads whether used or not)."""
+        counts = support.reshape(-1, self.num_adapters).sum(0).tolist()  # pairs per adapter: one host read
+        pairs, used = sum(counts), sum(count > 0 for count in counts)
+        skipped = support.numel() - pairs
+        return skipped >= max(pairs, _MIN_SKIPPED_PAIRS) or 2 * used <= self.num_adapters
+
+    def _dense_mixture(self, u, weights):
+        """Every adapter for every token: per bank (task, shared), one batched GEMM down and one GEMM up."""
+        x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, self.num_adapters).to(u.dtype)
+        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks])
+        if self.shared_down.shape[0]:
+            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out)
+        return out.view_as(u)
+
+    def _weighted_bank(self, x, down, up, w, out=None):
+        """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d])."""
+        n, d, r = down.shape
+        down, up = down.to(x.dtype), up.to(x.dtype).reshape(n * r, d)
+        if torch.is_grad_enabled() and (x.requires_grad or down.requires_grad):
+            # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
+            hidden = self.act(x @ down.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
+        else:  # a batched GEMM reads the weights in place
+            hidden = self.act(torch.matmul(x, down)).transpose(0, 1)
+        hidden = (hidden * w[:, :, None]).reshape(-1, n * r)
+        return hidden @ up if out is None else torch.addmm(out, hidden, up)
+
+    def _sparse_mixture(self, u, weights, support):
+        """Only the (token, adapter) pairs in `support`: pairs sorted by adapter, one GEMM per adapter used."""
+        d, n, T = u.shape[-1], self.num_adapters, self.num_tasks
+        x = u.reshape(-1, d)
+        adapter, token = support.reshape(-1, n).t().nonzero().unbind(1)  # sorted by adapter, then token
+        pair_weights = weights.reshape(-1, n)[token, adapter].to(u.dtype)[:, None]
+        counts = torch.bincount(adapter, minlength=n)
+        rows = x.index_select(0, token)
+        out = torch.zeros_like(x)
+        start = 0
+        for down, up, bank_counts in ((self.task_down, self.task_up, counts[:T]),
+                                      (self.shared_down, self.shared_up, counts[T:])):
+            end = start + int(bank_counts.sum())
+            if end > start:
+                groups = RowGroups.from_counts(bank_counts)
+                hidden = self.act(_matmul_per_group(rows[start:end], down, groups)) * pair_weights[start:end]
+                out.index_add_(0, token[start:end], _matmul_per_group(hidden, up, groups))
+            start = end
+        return out.view_as(u)
+
+    def _gate_stats(self, weights, probs, routing):
+        """Switch-Transformer load-balancing loss (training only) and, when asked for, routing statistics."""
+        aux_loss = None
+        if self.training and torch.is_grad_enabled():
+            k = self.top_k or 1
+            chosen = F.one_hot(probs.topk(k, dim=-1).indices, self.num_adapters).sum(-2).float() / k
+            chosen, probs = chosen.flatten(0, 1), probs.flatten(0, 1)
+            if routing.token_mask is not None:
+                chosen, probs = chosen[routing.token_mask.reshape(-1)], probs[routing.token_mask.reshape(-1)]
+            aux_loss = self.num_adapters * (chosen.mean(0) * probs.mean(0)).sum()
+        if not routing.output_stats:
+            return MTAStats(aux_loss, None, None)
+        entropy = -(weights * weights.clamp(min=1e-9).log()).sum(-1)
+        return MTAStats(aux_loss, _masked_token_mean(weights, routing.token_mask),
+                        _masked_token_mean(entropy, routing.token_mask))
+
+
+
+
+def build_routing(config, task_ids, batch_size, token_mask, output_stats, unknown_allowed, device=None):
+    """Validates `task_ids` and precomputes what the MTA modules of one stack share."""
+    if task_ids is not None:
+        if not isinstance(task_ids, torch.Tensor):
+            raise ValueError(f"task_ids must be a torch.LongTensor of shape ({batch_size},), got {type(task_ids).__name__}.")
+        if task_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"task_ids has dtype {task_ids.dtype}; expected torch.long (integer task indices).")
+        if task_ids.shape != (batch_size,):
+            raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}; expected ({batch_size},), one id per example.")
+        task_ids = task_ids.long()
+        low, high = int(task_ids.min()), int(task_ids.max())
+        limit = config.num_tasks + (1 if unknown_allowed and config.stage == 2 else 0)
+        if low < 0 or high >= limit:
+            bad = low if low < 0 else high
+            unknown = f" or {config.num_tasks} (unknown task, stage 2)" if limit > config.num_tasks else ""
+            raise ValueError(
+                f"task_ids contains {bad}, out of range: expected 0..{config.num_tasks - 1}{unknown} for tasks "
+                f"{config.task_names}."
+            )
+    elif config.stage == 1:
+        raise ValueError(
+            "task_ids is required for a stage-1 ALTER model (each example uses its own task adapter): pass "
+            f"task_ids=model.task_ids([...]) with names from {config.task_names}, or call model.set_stage(2) to "
+            "route without task ids."
+        )
+    mask = token_mask.bool() if token_mask is not None else None
+    own_tasks = None
+    if config.stage == 2:
+        device = task_ids.device if task_ids is not None else device
+        own_tasks = OwnTasks.build(task_ids, batch_size, config.num_tasks, config.num_adapters, device)
+    groups = order = inverse = None
+    # Stage 2 uses the task groups only on CPU (gate_mix == 0 at inference); building them reads values on the host.
+    if task_ids is not None and high < config.num_tasks and (config.stage == 1 or task_ids.device.type == "cpu"):
+        groups = RowGroups.from_counts(torch.bincount(task_ids, minlength=config.num_tasks))
+        if len(groups.adapters) > 1:
+            order = torch.argsort(task_ids, stable=True)
+            inverse = torch.argsort(order)
+    return TaskRouting(config.stage, task_ids, own_tasks, groups, order, inverse, mask, output_stats)
+
+
+
+
+def init_mta_weights(module: "AlterMTA", std: float) -> None:
+    """Initialises an MTA module: down-projections ~ N(0, std), and everything that shapes the output at zero (the
+    up-projections, router, task embeddings and `gate_mix`), so a fresh or converted model computes exactly what
+    its backbone computes."""
+    init.normal_(module.task_down, mean=0.0, std=std)
+    init.normal_(module.shared_down, mean=0.0, std=std)
+    init.zeros_(module.task_up)
+    init.zeros_(module.shared_up)
+    init.zeros_(module.router.weight)
+    init.zeros_(module.task_embedding.weight)
+    init.zeros_(module.gate_mix)
+
+
+def check_stage(stage) -> None:
+    """Raises `ValueError` unless `stage` is 1 or 2."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage={stage!r} is not valid: expected 1 or 2.")
+
+
+def stage_trainable_names(named_parameters, stage: int, train_backbone: bool) -> set[str]:
+    """Names (from `named_parameters`, an iterable of `(name, parameter)`) of the parameters that train in `stage`:
+    stage 1 trains the task adapters (and the backbone when `train_backbone`); stage 2 trains every other MTA
+    parameter (gates, task embeddings, shared adapters, `gate_mix`). MTA parameters are those under a module
+    attribute named `mta`."""
+    check_stage(stage)
+    names = set()
+    for name, _ in named_parameters:
+        leaf = name.rsplit(".", 1)[-1]
+        in_mta = ".mta." in f".{name}"
+        if stage == 1:
+            if (in_mta and leaf in TASK_ADAPTER_PARAMETERS) or (not in_mta and train_backbone):
+                names.add(name)
+        elif in_mta and leaf not in TASK_ADAPTER_PARAMETERS:
+            names.add(name)
+    return names
+
+
+__all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
+           "check_stage"]
