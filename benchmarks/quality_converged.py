@@ -92,9 +92,9 @@ REAL_TASKS = {
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 PRESETS = {
-    "synthetic": dict(num_train_per_task=2000, num_dev_per_task=100, num_eval_per_task=200, max_source_length=64,
-                      max_target_length=32, learning_rate=1e-3, batch_size=32, eval_every=250, patience=4,
-                      max_steps=12000),
+    "synthetic": dict(num_train_per_task=1000, num_dev_per_task=100, num_eval_per_task=200, max_source_length=64,
+                      max_target_length=32, learning_rate=1e-3, batch_size=32, eval_every=200, patience=3,
+                      max_steps=6000),
     "real": dict(num_train_per_task=2000, num_dev_per_task=100, num_eval_per_task=300, max_source_length=96,
                  max_target_length=48, learning_rate=5e-4, batch_size=32, eval_every=150, patience=4,
                  max_steps=6000),
@@ -147,6 +147,10 @@ class ConvergedArguments:
     stage2_eval_every: int | None = field(default=None, metadata={"help": "Stage-2 dev evaluation every N steps."})
     stage2_task_adapter_lr_ratio: float = field(
         default=0.0, metadata={"help": "Stage 2: task adapters keep training at this fraction of the stage-2 lr."})
+    reuse_stage1: str | None = field(
+        default=None,
+        metadata={"help": "A previous run's output_dir: reuse its baselines' results and its saved best stage-1 models "
+                          "(runs/seed*/stage1_best) and train only stage 2 (for stage-2 experiments)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Generation batch size."})
     workers: int = field(default=2, metadata={"help": "Seeds trained in parallel processes."})
     num_threads: int = field(default=1, metadata={"help": "torch threads per worker."})
@@ -279,11 +283,11 @@ class DevEarlyStopping(TrainerCallback):
     weights in memory (small models) and scores by generation outside `evaluate()`, the same way for every method."""
 
     def __init__(self, score_fn, every: int, patience: int, min_delta: float, batch_size: int,
-                 examples_offset: int = 0):
+                 examples_offset: int = 0, label: str | None = None):
         if every < 1 or patience < 1:
             raise ValueError(f"every={every} and patience={patience} must be >= 1.")
         self.score_fn, self.every, self.patience, self.min_delta = score_fn, every, patience, min_delta
-        self.batch_size, self.examples_offset = batch_size, examples_offset
+        self.batch_size, self.examples_offset, self.label = batch_size, examples_offset, label
         self.best_score, self.best_step, self.best_state, self.bad, self.curve = -1.0, 0, None, 0, []
         self.eval_seconds = 0.0
 
@@ -301,6 +305,10 @@ class DevEarlyStopping(TrainerCallback):
             self.bad += 1
             if self.bad >= self.patience:
                 control.should_training_stop = True
+        if self.label:
+            print(f"[converged] {self.label} step {state.global_step}: dev {100 * score:.1f} (best "
+                  f"{100 * self.best_score:.1f} at step {self.best_step})" + (", stopping" if self.bad >= self.patience
+                                                                              else ""), flush=True)
 
     def restore_best(self, model):
         model.load_state_dict(self.best_state)
@@ -358,7 +366,8 @@ def train_to_plateau(args, data, model, train_set, seed, output_dir, alter, *, m
     models train with `AlterTrainer` unless an `optimizer` is given (an experiment outside the library's stages),
     which `Seq2SeqTrainer` then uses with the same schedule."""
     stopper = DevEarlyStopping(lambda m: generate_scores(m, data, "dev", routing)["mean"], every, args.patience,
-                               args.min_delta, args.batch_size, examples_offset)
+                               args.min_delta, args.batch_size, examples_offset, label=f"{output_dir.parent.name} "
+                               f"{output_dir.name}")
     use_alter_trainer = alter and optimizer is None
     targs = _training_args(args, output_dir, seed, max_steps, learning_rate, use_alter_trainer)
     cls = AlterTrainer if use_alter_trainer else Seq2SeqTrainer
@@ -404,6 +413,12 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
     plain_set = train_set.remove_columns("task_ids")
     results = {}
     plateau = dict(max_steps=args.max_steps, learning_rate=args.learning_rate, every=args.eval_every)
+    if args.reuse_stage1 is not None:
+        previous = json.loads((Path(args.reuse_stage1) / "results.json").read_text())["per_seed"][str(seed)]
+        results = {m: r for m, r in previous.items() if m in ("multitask_t5", "shared_adapter", "alter_stage1")}
+        model = AlterForConditionalGeneration.from_pretrained(Path(args.reuse_stage1) / "runs" / f"seed{seed}"
+                                                              / "stage1_best")
+        return _stage2(args, data, model, train_set, seed, run_dir, results)
 
     if "multitask_t5" in args.methods:
         model = backbone(args, seed)
@@ -426,9 +441,16 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
     record = train_to_plateau(args, data, model, train_set, seed, run_dir / "stage1", True, **plateau)
     params1 = trainable(model)
     results["alter_stage1"] = _result(model, data, record, {"stage 1": params1})
+    model.save_pretrained(run_dir / "stage1_best")
     if not {"alter_two_stage", "alter_no_task_ids"} & set(args.methods):
         return results
+    return _stage2(args, data, model, train_set, seed, run_dir, results)
 
+
+def _stage2(args, data, model, train_set, seed, run_dir, results):
+    """Stage 2 from the best stage-1 weights in `model`, at most `stage2_budget` of stage 1's steps."""
+    record = results["alter_stage1"]
+    params1 = record["trainable_parameters"]["stage 1"]
     model.set_stage(2)
     stage2_steps = max(args.stage2_eval_every, math.floor(args.stage2_budget * record["steps_trained"]))
     optimizer = None
