@@ -41,6 +41,13 @@ class AlterConfig(PretrainedConfig):
             task and shared adapters ("collaboration"). Change it with `model.set_stage(n)`.
         stage1_train_backbone (`bool`, defaults to `True`):
             Whether stage 1 trains the backbone together with the task adapters, or the task adapters alone.
+        task_prefixes (`dict[str, str]`, *optional*):
+            Input prefix of each task (e.g. `{"sentiment": "sst2: "}`): with `task_ids=None`, `forward` and `generate`
+            infer each example's task from the token ids its input starts with (see `task_prefix_ids`). An input
+            that matches no prefix uses the unknown-task route in stage 2 and raises in stage 1.
+        task_prefix_ids (`dict[str, list[int]]`, *optional*):
+            The token ids each task's input starts with, filled from `task_prefixes` by
+            `model.set_task_prefixes(tokenizer=...)` (matching compares token ids, never decoded text).
         base_model (`str`, *optional*):
             Hub id of the T5 checkpoint the model was converted from; `from_t5` records it (never a local path) for
             the model card.
@@ -67,6 +74,8 @@ class AlterConfig(PretrainedConfig):
         task_id_drop_rate=0.1,
         stage=1,
         stage1_train_backbone=True,
+        task_prefixes=None,
+        task_prefix_ids=None,
         vocab_size=32128,
         d_model=512,
         d_kv=64,
@@ -98,6 +107,7 @@ class AlterConfig(PretrainedConfig):
         self.task_id_drop_rate = float(task_id_drop_rate)
         self.stage = stage
         self.stage1_train_backbone = bool(stage1_train_backbone)
+        self.task_prefixes, self.task_prefix_ids = _check_prefixes(self.task_names, task_prefixes, task_prefix_ids)
 
         self.vocab_size = vocab_size
         self.d_model = d_model
@@ -179,6 +189,38 @@ def _check_task_names(task_names):
     if duplicates:
         raise ValueError(f"task_names contains duplicates {duplicates}: every task needs a unique name.")
     return names
+
+
+def _check_prefixes(task_names, prefixes, prefix_ids):
+    """Validates `task_prefixes` (task name -> non-empty string) and `task_prefix_ids` (task name -> non-empty list
+    of token ids, only for tasks with a prefix); returns plain dicts or None."""
+    if not prefixes:
+        if prefix_ids:
+            raise ValueError("task_prefix_ids is set but task_prefixes is not: set task_prefixes (task name -> input "
+                             "prefix) and fill the ids with model.set_task_prefixes(tokenizer=...).")
+        return None, None
+    if not isinstance(prefixes, dict):
+        raise ValueError(f"task_prefixes={prefixes!r} is not valid: expected a dict from task name to input prefix.")
+    unknown = [name for name in prefixes if name not in task_names]
+    if unknown:
+        raise ValueError(f"task_prefixes names unknown task(s) {unknown}; expected names from {list(task_names)}.")
+    bad = {name: p for name, p in prefixes.items() if not isinstance(p, str) or not p}
+    if bad:
+        raise ValueError(f"task_prefixes has invalid prefixes {bad!r}: expected non-empty strings.")
+    values = list(prefixes.values())
+    duplicates = sorted({p for p in values if values.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"task_prefixes gives the same prefix {duplicates} to several tasks; each needs its own.")
+    if prefix_ids:
+        if set(prefix_ids) != set(prefixes):
+            raise ValueError(f"task_prefix_ids has tasks {sorted(prefix_ids)} but task_prefixes has "
+                             f"{sorted(prefixes)}; expected the same tasks (refill with model.set_task_prefixes).")
+        for name, ids in prefix_ids.items():
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"task_prefix_ids[{name!r}]={ids!r} is not valid: expected a non-empty list of "
+                                 "token ids.")
+        prefix_ids = {name: list(ids) for name, ids in prefix_ids.items()}
+    return dict(prefixes), (prefix_ids or None)
 
 
 def _check_placement(placement):

@@ -358,5 +358,214 @@ def stage_trainable_names(named_parameters, stage: int, train_backbone: bool) ->
     return names
 
 
+
+
+# ---- a model's life after training: add, keep and route tasks (model-independent) ------------------------------
+
+# Gate logit of an adapter that a task may not route to (a task added later, seen from an older task or the unknown
+# task): its softmax probability is exactly 0 in fp32 (exp underflows), so is its gradient, and top-k never needs it.
+BLOCKED_GATE_LOGIT = -1e9
+
+
+@torch.no_grad()
+def remap_mta_tasks(module: AlterMTA, keep: list[int], added: list[int | None], std: float,
+                    top_k: int | None) -> None:
+    """Rebuilds `module`'s task dimension in place: the new tasks are the old tasks `keep` (in that order) followed by
+    one new task per entry of `added` (the old task it copies, or `None` for a fresh adapter: down-projection
+    ~ N(0, std), up-projection zero, so its output starts at zero).
+
+    Parameters and their new shapes (T' = len(keep) + len(added), n' = T' + S):
+    - `task_down` [T', d, r] and `task_up` [T', r, d]: kept rows, then the new adapters;
+    - `router.weight` [n', d]: one row per adapter (a copied task's row, or zero);
+    - `task_embedding.weight` [T' + 1, n'] (last row: the unknown task): kept rows restricted to the kept columns, so
+      a kept task's gate is its old softmax renormalised over the kept adapters. A kept task and the unknown task get
+      `BLOCKED_GATE_LOGIT` in the new adapters' columns, so their outputs do not change. A new task's row is its
+      source's row (or the unknown task's row), with `BLOCKED_GATE_LOGIT` in the other new tasks' columns and, in its
+      own column, its source's own value (or 0).
+    `gate_mix` and the shared adapters are unchanged. New parameters keep the old ones' dtype and device; their
+    `requires_grad` is False until the model's `set_stage` sets it.
+    """
+    T, S = module.num_tasks, module.shared_down.shape[0]
+    keep_index = torch.tensor(keep, dtype=torch.long, device=module.task_down.device)
+    n_new_tasks = len(keep) + len(added)
+
+    def new_rows(bank, fresh):
+        rows = [bank.index_select(0, keep_index)]
+        for source in added:
+            rows.append(bank[source:source + 1].clone() if source is not None else fresh(bank[:1]))
+        return torch.cat(rows)
+
+    down = new_rows(module.task_down, lambda like: torch.randn_like(like) * std)
+    up = new_rows(module.task_up, torch.zeros_like)
+    # adapter columns: kept tasks, new tasks, shared adapters (-1: a new column)
+    columns = list(keep) + [-1] * len(added) + list(range(T, T + S))
+    column_index = torch.tensor([c if c >= 0 else 0 for c in columns], dtype=torch.long, device=down.device)
+    is_new = torch.tensor([c < 0 for c in columns], device=down.device)
+    router = module.router.weight.index_select(0, column_index).clone()
+    router[is_new] = 0
+    for i, source in enumerate(added):
+        if source is not None:
+            router[len(keep) + i] = module.router.weight[source]
+    emb = module.task_embedding.weight
+    emb_rows = torch.cat([emb.index_select(0, keep_index), emb.new_empty(len(added), emb.shape[1]), emb[T:]])
+    for i, source in enumerate(added):
+        emb_rows[len(keep) + i] = emb[source if source is not None else T]
+    new_emb = emb_rows.index_select(1, column_index)
+    new_emb[:, is_new] = BLOCKED_GATE_LOGIT
+    for i, source in enumerate(added):
+        new_emb[len(keep) + i, len(keep) + i] = emb[source, source] if source is not None else 0.0
+
+    def parameter(value, old):
+        return nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False)
+
+    module.task_down = parameter(down, module.task_down)
+    module.task_up = parameter(up, module.task_up)
+    module.router.weight = parameter(router, module.router.weight)
+    module.router.out_features = router.shape[0]
+    module.task_embedding.weight = parameter(new_emb, module.task_embedding.weight)
+    module.task_embedding.num_embeddings = new_emb.shape[0]
+    module.task_embedding.embedding_dim = new_emb.shape[1]
+    module.num_tasks, module.num_adapters, module.top_k = n_new_tasks, n_new_tasks + S, top_k
+
+
+def plan_task_changes(task_names: list[str], keep=None, add=None, init_from=None) -> tuple[list[int], list]:
+    """Validates a change of a model's task list and returns `(keep, added)` for `remap_mta_tasks`.
+
+    `keep`: names of the existing tasks to keep (default: all, in order); `add`: new task names; `init_from`: `None`,
+    one existing task name for every new task, or a list with one entry (a name or `None`) per new task."""
+    index = {name: i for i, name in enumerate(task_names)}
+    if keep is None:
+        keep_ids = list(range(len(task_names)))
+    else:
+        if isinstance(keep, str):
+            keep = [keep]
+        keep = list(keep)
+        if not keep:
+            raise ValueError(f"keep_tasks needs at least one task name; this model has tasks {task_names}.")
+        unknown = [name for name in keep if name not in index]
+        if unknown:
+            raise ValueError(f"Unknown task name(s) {unknown} to keep; this model has tasks {task_names}.")
+        duplicates = sorted({name for name in keep if keep.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"Task name(s) {duplicates} given more than once to keep_tasks.")
+        keep_ids = [index[name] for name in keep]
+    add = [] if add is None else ([add] if isinstance(add, str) else list(add))
+    bad = [name for name in add if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"New task names {bad!r} are not valid: expected non-empty strings.")
+    existing = sorted(name for name in add if name in index)
+    if existing:
+        raise ValueError(f"Task name(s) {existing} already exist in this model (tasks {task_names}); new tasks need "
+                         "new names.")
+    duplicates = sorted({name for name in add if add.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"New task name(s) {duplicates} given more than once.")
+    sources = init_from if isinstance(init_from, (list, tuple)) else [init_from] * len(add)
+    if len(sources) != len(add):
+        raise ValueError(f"init_from has {len(sources)} entries for {len(add)} new tasks; expected one per new task.")
+    unknown = [source for source in sources if source is not None and source not in index]
+    if unknown:
+        raise ValueError(f"init_from names unknown task(s) {unknown}; expected None or one of {task_names}.")
+    return keep_ids, [None if source is None else index[source] for source in sources]
+
+
+class FrozenRows:
+    """Keeps some rows (dim 0) of some parameters exactly as they are while the rest of those parameters train.
+
+    `rows` maps each parameter to the indices of its rows to keep. `install_grad_hooks()` zeroes those rows'
+    gradients (so they neither move the other rows through gradient clipping nor fill optimizer moments), and
+    `restore()` copies the saved rows back; `attach(optimizer)` calls it after every optimizer step, which undoes the
+    one change an element-wise optimizer can still make with a zero gradient: decoupled weight decay. The trained
+    rows see exactly the optimizer's update (AdamW's, weight decay included) that they would see alone.
+    """
+
+    def __init__(self, rows: dict[nn.Parameter, torch.Tensor]):
+        self.rows = {p: index for p, index in rows.items() if index.numel()}
+        self.saved = {p: p.detach()[index].clone() for p, index in self.rows.items()}
+        self._handles = []
+
+    def install_grad_hooks(self) -> None:
+        for param, index in self.rows.items():
+            mask = torch.ones(param.shape[0], *([1] * (param.dim() - 1)), dtype=param.dtype, device=param.device)
+            mask[index] = 0
+            self._handles.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+
+    @torch.no_grad()
+    def restore(self, *args, **kwargs) -> None:
+        for param, index in self.rows.items():
+            param[index] = self.saved[param]
+
+    def attach(self, optimizer) -> None:
+        """Restores the rows after every `optimizer.step()`."""
+        self._handles.append(optimizer.register_step_post_hook(self.restore))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ---- routing by prompt prefix -------------------------------------------------------------------------------------
+
+
+def tokenize_prefix(tokenizer, prefix: str, probes=("x", "hello world", "1 2 3", "The")) -> list[int]:
+    """Token ids that every input starting with `prefix` starts with (`add_special_tokens=False`): the longest common
+    start of the tokenizations of `prefix + probe` for a few probes (a trailing space of the prefix may merge with the
+    next word, so the prefix's own tokenization is not always a prefix of the input's)."""
+    runs = [tokenizer(prefix + probe, add_special_tokens=False)["input_ids"] for probe in probes]
+    common = []
+    for ids in zip(*runs):
+        if any(i != ids[0] for i in ids):
+            break
+        common.append(ids[0])
+    if not common:
+        raise ValueError(f"Task prefix {prefix!r} has no token that every input starting with it shares; use a "
+                         "prefix that tokenizes to at least one token of its own (e.g. ending with ':').")
+    return common
+
+
+class PrefixMatcher:
+    """Infers each example's task from the token ids its input starts with.
+
+    Built from `prefix_ids` (one list of token ids per task, `[]` for a task without a prefix). `matcher(input_ids
+    [batch, length], attention_mask [batch, length] or None)` returns task ids [batch] (long), with `-1` where no
+    prefix matches (an input shorter than every prefix included). The input starts at its first attended token, so
+    left and right padding both work. When several prefixes match, the longest wins. One vectorised comparison per
+    batch, on the input's device; no decoding, no host synchronisation.
+    """
+
+    def __init__(self, prefix_ids: list[list[int]]):
+        width = max([len(ids) for ids in prefix_ids] + [1])
+        table = torch.full((len(prefix_ids), width), -1, dtype=torch.long)
+        for i, ids in enumerate(prefix_ids):
+            table[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.table = table  # [tasks, width], -1 past each prefix
+        self.lengths = torch.tensor([len(ids) for ids in prefix_ids])
+        self._on_device = {}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length = input_ids.shape
+        width = self.table.shape[1]
+        if attention_mask is None:
+            start = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            valid = torch.full((batch,), length, dtype=torch.long, device=input_ids.device)
+        else:
+            mask = attention_mask.bool()
+            start = mask.long().argmax(1)  # the first attended token (0 for right padding)
+            valid = mask.sum(1)
+        positions = start[:, None] + torch.arange(width, device=input_ids.device)
+        window = input_ids.gather(1, positions.clamp(max=length - 1))  # [batch, width]
+        if input_ids.device not in self._on_device:
+            self._on_device[input_ids.device] = (self.table.to(input_ids.device), self.lengths.to(input_ids.device))
+        table, lengths = self._on_device[input_ids.device]
+        inside = torch.arange(width, device=input_ids.device)[None, None] < lengths[None, :, None]
+        equal = (window[:, None, :] == table[None]) | ~inside  # [batch, tasks, width]
+        matched = equal.all(-1) & (lengths[None] > 0) & (lengths[None] <= valid[:, None])
+        score = torch.where(matched, lengths[None], -1)  # the longest matching prefix
+        best = score.max(1)
+        return torch.where(best.values >= 0, best.indices, -1)
+
+
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
+           "remap_mta_tasks", "plan_task_changes", "FrozenRows", "PrefixMatcher", "tokenize_prefix", "BLOCKED_GATE_LOGIT",
            "check_stage"]
