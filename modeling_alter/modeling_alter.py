@@ -482,6 +482,11 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         """Every MTA module by its parameter-path name, encoder first (the order of `routing_weights`)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, AlterMTA)}
 
+    def task_adapter_banks(self) -> list[nn.Parameter]:
+        """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] of every MTA module), whose
+        row t is task t's: a batch trains only the rows of its tasks (see `optim.RowSparseAdamW`)."""
+        return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up)]
+
     def trainable_parameter_names(self, stage: int) -> set[str]:
         """Names of the parameters that train in `stage` (1 or 2). With `set_train_tasks(names)`, only the MTA
         parameters that hold rows of those tasks: the task adapters in stage 1, the task embeddings in stage 2 (their

@@ -574,6 +574,13 @@ class AlterTrainer(Seq2SeqTrainer):
         optimizer = super().create_optimizer(opt_model)
         learning_rate = self._stage_learning_rate()
         inner = getattr(optimizer, "optimizer", optimizer)
+        if type(inner) is torch.optim.AdamW:
+            # the same AdamW, updating in each task-adapter bank only the rows (tasks) the step trained
+            from .optim import RowSparseAdamW
+
+            defaults = {k: v for k, v in inner.defaults.items() if k != "decoupled_weight_decay"}
+            optimizer = inner = self.optimizer = RowSparseAdamW(
+                inner.param_groups, row_sparse=self.alter_model.task_adapter_banks(), **defaults)
         if self.alter_model.frozen_rows is not None:  # train_tasks: other tasks' rows stay exactly as they are
             self.alter_model.frozen_rows.attach(inner)
         for group in inner.param_groups:
