@@ -29,8 +29,10 @@ class AlterConfig(PretrainedConfig):
         mta_placement (`list[str]`, defaults to `["ffn"]`):
             Sublayers of every block that carry an MTA module, among `"ffn"`, `"self_attention"` and
             `"cross_attention"`. `"ffn"` is required.
-        router_top_k (`int`, *optional*):
-            Stage 2: keep only the k largest gate weights per token (renormalised). `None` routes densely.
+        router_top_k (`int`, `"auto"` or `None`, defaults to `"auto"`):
+            Stage 2: keep only the k largest gate weights per token (renormalised). `None` routes densely. `"auto"`
+            routes densely up to 16 adapters (tasks + shared) and top-2 past that, so that stage-2 cost stops growing
+            with the number of tasks (see `mta.resolve_top_k`).
         router_aux_loss_coef (`float`, defaults to 0.01):
             Weight of the load-balancing auxiliary loss added to `loss` in stage 2.
         task_id_drop_rate (`float`, defaults to 0.1):
@@ -69,7 +71,7 @@ class AlterConfig(PretrainedConfig):
         adapter_activation="relu",
         num_shared_adapters=1,
         mta_placement=("ffn",),
-        router_top_k=None,
+        router_top_k="auto",
         router_aux_loss_coef=0.01,
         task_id_drop_rate=0.1,
         stage=1,
@@ -138,7 +140,7 @@ class AlterConfig(PretrainedConfig):
         for name in ("adapter_activation", "dense_act_fn"):
             if getattr(self, name) not in ACT2FN:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a known activation; expected one of {sorted(ACT2FN)}.")
-        if router_top_k is not None:
+        if router_top_k is not None and router_top_k != "auto":
             n_adapters = len(self.task_names) + self.num_shared_adapters
             _check_int("router_top_k", router_top_k, minimum=1)
             if router_top_k > n_adapters:

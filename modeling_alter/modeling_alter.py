@@ -33,6 +33,7 @@ from .mta import (
     init_mta_weights,
     plan_task_changes,
     remap_mta_tasks,
+    resolve_top_k,
     stage_trainable_names,
     tokenize_prefix,
 )
@@ -570,7 +571,8 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         Stage 1: each kept task's outputs are exactly what they were. Stage 2: each token's gate is the old softmax
         restricted to the kept task adapters and the shared adapters and renormalised to sum to 1 (the dropped
         adapters' weight is spread proportionally over the kept ones), i.e. exactly the old model with the dropped
-        adapters' gate logits at minus infinity; `router_top_k` is capped at the new number of adapters."""
+        adapters' gate logits at minus infinity; an integer `router_top_k` is capped at the new number of adapters
+        (`"auto"` re-resolves for it)."""
         keep, _ = plan_task_changes(self.config.task_names, keep=names)
         frozen, self._frozen_rows = self._frozen_rows, None
         if frozen is not None:
@@ -592,11 +594,11 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         std = self.config.initializer_factor * self.config.d_model**-0.5
         num_adapters = len(new_names) + self.config.num_shared_adapters
         top_k = self.config.router_top_k
-        top_k = None if top_k is None else min(top_k, num_adapters)
+        if top_k is not None and top_k != "auto":
+            top_k = self.config.router_top_k = min(top_k, num_adapters)
         for module in self.mta_modules().values():
-            remap_mta_tasks(module, keep, added, std, top_k)
+            remap_mta_tasks(module, keep, added, std, resolve_top_k(top_k, num_adapters))
         self.config.task_names = list(new_names)
-        self.config.router_top_k = top_k
         if self.config.task_prefixes:
             prefixes = {k: v for k, v in self.config.task_prefixes.items() if k in new_names}
             ids = self.config.task_prefix_ids

@@ -64,3 +64,19 @@ def test_trainer_updates_only_the_tasks_in_the_batch(tmp_path):
                 assert not torch.equal(p[1], before[name][1]), name
         elif p.requires_grad and name.endswith("wi.weight"):
             assert not torch.equal(p, before[name]), name  # the backbone trains as usual
+
+
+def test_auto_top_k_is_dense_up_to_16_adapters_and_top2_past_them():
+    from conftest import tiny_alter
+
+    from modeling_alter import AlterConfig
+    from modeling_alter.mta import AUTO_DENSE_MAX_ADAPTERS, AUTO_TOP_K
+
+    assert AlterConfig(task_names=["a"]).router_top_k == "auto"
+    few = tiny_alter(task_names=[f"t{i}" for i in range(AUTO_DENSE_MAX_ADAPTERS - 1)])  # + 1 shared = 16
+    assert {m.top_k for m in few.mta_modules().values()} == {None}
+    few.add_tasks(["one_more"])  # 17 adapters: top-2 from now on, still "auto" in the config
+    assert few.config.router_top_k == "auto" and {m.top_k for m in few.mta_modules().values()} == {AUTO_TOP_K}
+    assert {m.top_k for m in few.keep_tasks(["t0", "t1"]).mta_modules().values()} == {None}
+    dense = tiny_alter(task_names=[f"t{i}" for i in range(20)], router_top_k=None)
+    assert {m.top_k for m in dense.mta_modules().values()} == {None}  # an explicit None stays dense
