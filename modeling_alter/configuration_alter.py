@@ -142,7 +142,9 @@ class AlterConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a known activation; expected one of {sorted(ACT2FN)}.")
         if router_top_k is not None and router_top_k != "auto":
             n_adapters = len(self.task_names) + self.num_shared_adapters
-            _check_int("router_top_k", router_top_k, minimum=1)
+            if isinstance(router_top_k, bool) or not isinstance(router_top_k, int) or router_top_k < 1:
+                raise ValueError(f"router_top_k={router_top_k!r} is not valid: expected None (dense), 'auto' or an "
+                                 "integer >= 1.")
             if router_top_k > n_adapters:
                 raise ValueError(
                     f"router_top_k={router_top_k} is larger than the number of adapters ({len(self.task_names)} task "

@@ -27,11 +27,12 @@ from .mta import (
     TASK_ADAPTER_PARAMETERS,
     AlterMTA,
     FrozenRows,
-    PrefixMatcher,
     build_routing,
     check_stage,
     init_mta_weights,
     plan_task_changes,
+    prefix_matcher_for,
+    prefix_task_ids,
     remap_mta_tasks,
     resolve_top_k,
     stage_trainable_names,
@@ -437,7 +438,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self._train_task_names = None  # see `set_train_tasks`
         self._frozen_rows = None
-        self._prefix_matcher = None  # (config.task_prefix_ids at build time, PrefixMatcher)
+        self._prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher)
         self.encoder = AlterStack(config, is_decoder=False)
         self.decoder = AlterStack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -625,24 +626,10 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
         prefix, counted from its first attended token. An unmatched example gets the unknown task (`num_tasks`) in
         stage 2 and raises `ValueError` in stage 1."""
-        prefix_ids = self.config.task_prefix_ids
-        if not prefix_ids:
-            hint = (" (config.task_prefixes is set: fill the token ids with model.set_task_prefixes(tokenizer=tok))"
-                    if self.config.task_prefixes else "")
-            raise ValueError("This model has no task prefixes to infer task ids from" + hint + "; pass task_ids.")
-        if self._prefix_matcher is None or self._prefix_matcher[0] != prefix_ids:
-            table = [prefix_ids.get(name, []) for name in self.config.task_names]
-            self._prefix_matcher = (copy.deepcopy(prefix_ids), PrefixMatcher(table))
-        task_ids = self._prefix_matcher[1](input_ids, attention_mask)
-        if self.config.stage == 2:
-            return task_ids.masked_fill(task_ids < 0, self.config.num_tasks)
-        unmatched = (task_ids < 0).nonzero().flatten().tolist()
-        if unmatched:
-            raise ValueError(
-                f"Example(s) {unmatched} start with none of the task prefixes {self.config.task_prefixes}; a stage-1 "
-                "ALTER model needs each example's task: add the prefix, or pass task_ids."
-            )
-        return task_ids
+        key = (tuple(self.config.task_names), copy.deepcopy(self.config.task_prefix_ids))
+        if self._prefix_matcher is None or self._prefix_matcher[0] != key:
+            self._prefix_matcher = (key, prefix_matcher_for(self.config))
+        return prefix_task_ids(self.config, self._prefix_matcher[1], input_ids, attention_mask)
 
     def generate(self, inputs=None, *args, **kwargs):
         """`GenerationMixin.generate`; with `task_ids` not given and `config.task_prefixes` set, each example's task

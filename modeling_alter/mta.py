@@ -580,6 +580,30 @@ class PrefixMatcher:
         return torch.where(best.values >= 0, best.indices, -1)
 
 
+
+def prefix_task_ids(config, matcher: PrefixMatcher, input_ids, attention_mask=None) -> torch.Tensor:
+    """Task ids [batch] from the inputs' prefixes with `matcher` (built from `config.task_prefix_ids`): an unmatched
+    example gets the unknown task (`config.num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
+    task_ids = matcher(input_ids, attention_mask)
+    if config.stage == 2:
+        return task_ids.masked_fill(task_ids < 0, config.num_tasks)
+    unmatched = (task_ids < 0).nonzero().flatten().tolist()
+    if unmatched:
+        raise ValueError(
+            f"Example(s) {unmatched} start with none of the task prefixes {config.task_prefixes}; a stage-1 ALTER "
+            "model needs each example's task: add the prefix, or pass task_ids."
+        )
+    return task_ids
+
+
+def prefix_matcher_for(config) -> PrefixMatcher:
+    """A `PrefixMatcher` over `config.task_prefix_ids` (tasks in `config.task_names` order; [] for no prefix)."""
+    if not config.task_prefix_ids:
+        hint = (" (config.task_prefixes is set: fill the token ids with model.set_task_prefixes(tokenizer=tok))"
+                if getattr(config, "task_prefixes", None) else "")
+        raise ValueError("This model has no task prefixes to infer task ids from" + hint + "; pass task_ids.")
+    return PrefixMatcher([config.task_prefix_ids.get(name, []) for name in config.task_names])
+
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
-           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher", "tokenize_prefix", "BLOCKED_GATE_LOGIT",
+           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher", "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "BLOCKED_GATE_LOGIT",
            "check_stage"]

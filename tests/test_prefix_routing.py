@@ -115,3 +115,20 @@ def test_data_pipeline_adds_the_prefixes():
     data = build_eval_datasets(tasks, tok, TRAIN_TASKS, task_prefixes=PREFIXES)["copy"]
     sources = [tok.decode(list(ids), skip_special_tokens=True) for ids in data["input_ids"]]
     assert sources == ["copy: abc", "copy: already"]
+
+
+def test_prefixes_follow_keep_and_add_tasks():
+    model = prefixed_model(stage=1)
+    tok = tokenizer()
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    model.infer_task_ids(batch["input_ids"], batch["attention_mask"])  # builds the matcher for the old order
+    small = model.keep_tasks(["reverse", "sentiment", "copy"])  # same prefixes, new ids
+    assert small.infer_task_ids(batch["input_ids"], batch["attention_mask"]).tolist() == [0, 1, 2, 1, 0]
+    two = model.keep_tasks(["copy", "sentiment"])
+    assert two.config.task_prefixes == {"sentiment": "sst2: ", "copy": "copy: "}
+    with pytest.raises(ValueError, match=r"Example\(s\) \[0, 4\]"):  # "rev: " is no longer a task's prefix
+        two.infer_task_ids(batch["input_ids"], batch["attention_mask"])
+    model.add_tasks(["legal"])
+    model.set_task_prefixes({**model.config.task_prefixes, "legal": "legal: "}, tokenizer=tok)
+    legal = tok(["legal: who signs?", "sst2: ok"], return_tensors="pt", padding=True)
+    assert model.infer_task_ids(legal["input_ids"], legal["attention_mask"]).tolist() == [3, 0]
