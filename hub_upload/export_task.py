@@ -5,10 +5,11 @@ the FFN is not gated and uses the adapter's activation, the sum is one wider FFN
 
     wo act(wi u) + U act(D u) = [wo | U] act([wi ; D] u)        (d_ff -> d_ff + r)
 
-so the task's adapter merges exactly: `D`'s rows are appended to `wi` and `U`'s columns to `wo` in every block. The
-other cases are refused with the reason: a gated FFN (`wo (act(wi_0 u) * wi_1 u)` has no room for `U act(D u)`), an
-adapter activation other than the FFN's, adapters on attention sublayers, and stage 2 (a per-token gate mixes several
-adapters by input-dependent weights, which no fixed weight matrix computes).
+so the task's adapter merges exactly: `D`'s rows are appended to `wi` and `U`'s columns to `wo` in every block. A
+gated adapter (`adapter_form="gated"`, `U (act(D u) * L u)`) merges the same way into a gated FFN (Flan-T5):
+`[wi_0; D]`, `[wi_1; L]`, `[wo | U]`. The other cases are refused with the reason: a plain adapter on a gated FFN (or
+the reverse), an adapter activation other than the FFN's, adapters on attention sublayers, and stage 2 (a per-token
+gate mixes several adapters by input-dependent weights, which no fixed weight matrix computes).
 """
 
 import json
@@ -38,10 +39,17 @@ def merge_refusals(config) -> list[str]:
             "weights, which no fixed T5 weight computes (export the task's stage-1 computation with stage=1 / "
             "--stage1)"
         )
-    if config.is_gated_act:
+    form = getattr(config, "adapter_form", "plain")
+    if config.is_gated_act and form != "gated":
         reasons.append(
             f"the FFN is gated (feed_forward_proj={config.feed_forward_proj!r}): wo(act(wi_0 u) * wi_1 u) cannot "
-            "absorb the adapter's U act(D u)"
+            "absorb the plain adapter's U act(D u) (convert with adapter_form='gated' and adapter_activation="
+            f"{config.dense_act_fn!r} for an adapter that merges)"
+        )
+    elif not config.is_gated_act and form == "gated":
+        reasons.append(
+            "the adapter is gated (adapter_form='gated') but the FFN is not: wo act(wi u) cannot absorb "
+            "U (act(D u) * L u)"
         )
     elif config.adapter_activation != config.dense_act_fn:
         reasons.append(
@@ -98,7 +106,11 @@ def task_to_t5(model, task: str, stage1: bool = False):
     for name, mta in model.mta_modules().items():  # every FFN: "<stack>.block.<i>.layer.<j>.mta"
         ffn = name[: -len("mta")] + "DenseReluDense."
         down, up = mta.task_down[t], mta.task_up[t]  # [d, r], [r, d]
-        state[ffn + "wi.weight"] = torch.cat([state[ffn + "wi.weight"], down.t().to(state[ffn + "wi.weight"].dtype)])
+        # gated: wo (act(wi_0 u) * wi_1 u) + U (act(D u) * L u) = [wo | U] (act([wi_0; D] u) * [wi_1; L] u)
+        inputs = [("wi_0", down), ("wi_1", mta.task_linear[t])] if config.is_gated_act else [("wi", down)]
+        for key, rows in inputs:
+            state[ffn + key + ".weight"] = torch.cat(
+                [state[ffn + key + ".weight"], rows.t().to(state[ffn + key + ".weight"].dtype)])
         state[ffn + "wo.weight"] = torch.cat([state[ffn + "wo.weight"], up.t().to(state[ffn + "wo.weight"].dtype)], 1)
     t5 = T5ForConditionalGeneration(t5_config).to(model.dtype)
     missing, unexpected = t5.load_state_dict(state, strict=False)

@@ -24,6 +24,11 @@ class AlterConfig(PretrainedConfig):
             Bottleneck size r of every adapter (`D: d_model -> r`, `U: r -> d_model`).
         adapter_activation (`str`, defaults to `"relu"`):
             Activation between the adapter's down and up projections (any key of `transformers.activations.ACT2FN`).
+        adapter_form (`str`, defaults to `"plain"`):
+            `"plain"`: `A(u) = U act(D u)`. `"gated"`: `A(u) = U (act(D u) * (L u))`, the form of a gated FFN (T5 v1.1 /
+            Flan-T5), so that with `adapter_activation` equal to the FFN's (`"gelu_new"` for `gated-gelu`) a task's
+            stage-1 adapter merges exactly into a plain T5 (`alter-hub export-task`). Its extra linear branch `L`
+            (`task_linear`, `shared_linear`) starts random like `D`.
         num_shared_adapters (`int`, defaults to 1):
             Number S of adapters shared by all tasks; they are trained in stage 2 only.
         mta_placement (`list[str]`, defaults to `["ffn"]`):
@@ -69,6 +74,7 @@ class AlterConfig(PretrainedConfig):
         task_names=("default",),
         adapter_dim=64,
         adapter_activation="relu",
+        adapter_form="plain",
         num_shared_adapters=1,
         mta_placement=("ffn",),
         router_top_k="auto",
@@ -102,6 +108,9 @@ class AlterConfig(PretrainedConfig):
         self.task_names = _check_task_names(task_names)
         self.adapter_dim = _check_int("adapter_dim", adapter_dim, minimum=1)
         self.adapter_activation = adapter_activation
+        if adapter_form not in ("plain", "gated"):
+            raise ValueError(f"adapter_form={adapter_form!r} is not valid: expected 'plain' or 'gated'.")
+        self.adapter_form = adapter_form
         self.num_shared_adapters = _check_int("num_shared_adapters", num_shared_adapters, minimum=0)
         self.mta_placement = _check_placement(mta_placement)
         self.router_top_k = router_top_k

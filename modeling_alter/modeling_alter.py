@@ -487,7 +487,8 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
     def task_adapter_banks(self) -> list[nn.Parameter]:
         """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] of every MTA module), whose
         row t is task t's: a batch trains only the rows of its tasks (see `optim.RowSparseAdamW`)."""
-        return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up)]
+        return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up, m.task_linear)
+                if p is not None]
 
     def trainable_parameter_names(self, stage: int) -> set[str]:
         """Names of the parameters that train in `stage` (1 or 2). With `set_train_tasks(names)`, only the MTA
@@ -514,8 +515,9 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
             rows = {}
             for module in self.mta_modules().values():
                 # stage 1: rows of the task adapters; stage 2: rows of the task embedding (the last: unknown task)
-                params = (module.task_down, module.task_up) if stage == 1 else (module.task_embedding.weight,)
-                for param in params:
+                params = (module.task_down, module.task_up, module.task_linear) if stage == 1 else (
+                    module.task_embedding.weight,)
+                for param in (p for p in params if p is not None):
                     frozen = [i for i in range(param.shape[0]) if i not in train]
                     rows[param] = torch.tensor(frozen, dtype=torch.long, device=param.device)
             self._frozen_rows = FrozenRows(rows)

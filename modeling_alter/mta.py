@@ -43,7 +43,10 @@ def resolve_top_k(router_top_k, num_adapters: int) -> int | None:
 
 
 # Parameters of an MTA module that belong to the task adapters (stage 1); every other MTA parameter is stage 2's.
-TASK_ADAPTER_PARAMETERS = ("task_down", "task_up")
+TASK_ADAPTER_PARAMETERS = ("task_down", "task_up", "task_linear")
+# Forms of an adapter: "plain" `U act(D u)`, or "gated" `U (act(D u) * (L u))`, the form of a gated FFN (T5 v1.1 /
+# Flan-T5: `wo (act(wi_0 u) * wi_1 u)`), into which a gated adapter merges exactly as extra hidden units.
+ADAPTER_FORMS = ("plain", "gated")
 
 class RowGroups(NamedTuple):
     """The rows of a matrix sorted by adapter: block g (`sizes[g]` consecutive rows) goes through `adapters[g]`."""
@@ -158,6 +161,10 @@ class AlterMTA(nn.Module):
         self.shared_down = nn.Parameter(torch.empty(config.num_shared_adapters, d, r))
         self.shared_up = nn.Parameter(torch.empty(config.num_shared_adapters, r, d))
         self.act = ACT2FN[config.adapter_activation]
+        self.gated = getattr(config, "adapter_form", "plain") == "gated"
+        # gated form: the linear branch L of each adapter (`[n, d, r]`, like T5's wi_1); None for the plain form
+        self.task_linear = nn.Parameter(torch.empty(config.num_tasks, d, r)) if self.gated else None
+        self.shared_linear = nn.Parameter(torch.empty(config.num_shared_adapters, d, r)) if self.gated else None
         self.router = nn.Linear(d, self.num_adapters, bias=False)
         # One row per task plus a last row for the unknown task, embedded directly in gate-logit space.
         self.task_embedding = nn.Embedding(config.num_tasks + 1, self.num_adapters)
@@ -177,10 +184,15 @@ class AlterMTA(nn.Module):
         groups = routing.task_groups
         if len(groups.adapters) == 1:
             task = groups.adapters[0]
-            return self.act(u @ self.task_down[task].to(u.dtype)) @ self.task_up[task].to(u.dtype)
+            hidden = self.act(u @ self.task_down[task].to(u.dtype))
+            if self.gated:
+                hidden = hidden * (u @ self.task_linear[task].to(u.dtype))
+            return hidden @ self.task_up[task].to(u.dtype)
         x = u.index_select(0, routing.order).flatten(0, 1)
         tokens = groups.repeat_rows(u.shape[1])
         hidden = self.act(_matmul_per_group(x, self.task_down, tokens))
+        if self.gated:
+            hidden = hidden * _matmul_per_group(x, self.task_linear, tokens)
         return _matmul_per_group(hidden, self.task_up, tokens).view_as(u).index_select(0, routing.group_inverse)
 
     def gate_weights(self, u: torch.Tensor, task_ids: torch.Tensor | None):
@@ -218,7 +230,7 @@ class AlterMTA(nn.Module):
             if self.shared_down.shape[0]:
                 shared = weights[..., self.num_tasks :].reshape(-1, self.shared_down.shape[0]).to(u.dtype)
                 out = self._weighted_bank(u.reshape(-1, u.shape[-1]), self.shared_down, self.shared_up, shared,
-                                          out.reshape(-1, u.shape[-1])).view_as(u)
+                                          out.reshape(-1, u.shape[-1]), self.shared_linear).view_as(u)
         elif support is not None and self._sparse_pays(support):
             out = self._sparse_mixture(u, weights, support)
         else:
@@ -237,22 +249,32 @@ class AlterMTA(nn.Module):
     def _dense_mixture(self, u, weights):
         """Every adapter for every token: per bank (task, shared), one batched GEMM down and one GEMM up."""
         x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, self.num_adapters).to(u.dtype)
-        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks])
+        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks], linear=self.task_linear)
         if self.shared_down.shape[0]:
-            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out)
+            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out,
+                                      self.shared_linear)
         return out.view_as(u)
 
-    def _weighted_bank(self, x, down, up, w, out=None):
-        """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d])."""
+    def _weighted_bank(self, x, down, up, w, out=None, linear=None):
+        """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d]; gated
+        form: `linear` [n, d, r])."""
         n, d, r = down.shape
-        down, up = down.to(x.dtype), up.to(x.dtype).reshape(n * r, d)
-        if torch.is_grad_enabled() and (x.requires_grad or down.requires_grad):
-            # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
-            hidden = self.act(x @ down.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
-        else:  # a batched GEMM reads the weights in place
-            hidden = self.act(torch.matmul(x, down)).transpose(0, 1)
+        up = up.to(x.dtype).reshape(n * r, d)
+        hidden = self._bank_hidden(x, down, n, d, r, activate=True)
+        if linear is not None:
+            hidden = hidden * self._bank_hidden(x, linear, n, d, r, activate=False)
         hidden = (hidden * w[:, :, None]).reshape(-1, n * r)
         return hidden @ up if out is None else torch.addmm(out, hidden, up)
+
+    def _bank_hidden(self, x, weights, n, d, r, activate):
+        """`[N, n, r]`: every adapter's projection `x @ weights[j]` (activated for the down-projection)."""
+        weights = weights.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
+            hidden = (x @ weights.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
+        else:  # a batched GEMM reads the weights in place
+            hidden = torch.matmul(x, weights).transpose(0, 1)
+        return self.act(hidden) if activate else hidden
 
     def _sparse_mixture(self, u, weights, support):
         """Only the (token, adapter) pairs in `support`: pairs sorted by adapter, one GEMM per adapter used."""
@@ -264,12 +286,14 @@ class AlterMTA(nn.Module):
         rows = x.index_select(0, token)
         out = torch.zeros_like(x)
         start = 0
-        for down, up, bank_counts in ((self.task_down, self.task_up, counts[:T]),
-                                      (self.shared_down, self.shared_up, counts[T:])):
+        for down, up, linear, bank_counts in ((self.task_down, self.task_up, self.task_linear, counts[:T]),
+                                              (self.shared_down, self.shared_up, self.shared_linear, counts[T:])):
             end = start + int(bank_counts.sum())
             if end > start:
                 groups = RowGroups.from_counts(bank_counts)
                 hidden = self.act(_matmul_per_group(rows[start:end], down, groups)) * pair_weights[start:end]
+                if linear is not None:
+                    hidden = hidden * _matmul_per_group(rows[start:end], linear, groups)
                 out.index_add_(0, token[start:end], _matmul_per_group(hidden, up, groups))
             start = end
         return out.view_as(u)
@@ -341,6 +365,9 @@ def init_mta_weights(module: "AlterMTA", std: float) -> None:
     its backbone computes."""
     init.normal_(module.task_down, mean=0.0, std=std)
     init.normal_(module.shared_down, mean=0.0, std=std)
+    if module.gated:
+        init.normal_(module.task_linear, mean=0.0, std=std)
+        init.normal_(module.shared_linear, mean=0.0, std=std)
     init.zeros_(module.task_up)
     init.zeros_(module.shared_up)
     init.zeros_(module.router.weight)
@@ -411,6 +438,7 @@ def remap_mta_tasks(module: AlterMTA, keep: list[int], added: list[int | None], 
 
     down = new_rows(module.task_down, lambda like: torch.randn_like(like) * std)
     up = new_rows(module.task_up, torch.zeros_like)
+    linear = new_rows(module.task_linear, lambda like: torch.randn_like(like) * std) if module.gated else None
     # adapter columns: kept tasks, new tasks, shared adapters (-1: a new column)
     columns = list(keep) + [-1] * len(added) + list(range(T, T + S))
     column_index = torch.tensor([c if c >= 0 else 0 for c in columns], dtype=torch.long, device=down.device)
@@ -434,6 +462,8 @@ def remap_mta_tasks(module: AlterMTA, keep: list[int], added: list[int | None], 
 
     module.task_down = parameter(down, module.task_down)
     module.task_up = parameter(up, module.task_up)
+    if module.gated:
+        module.task_linear = parameter(linear, module.task_linear)
     module.router.weight = parameter(router, module.router.weight)
     module.router.out_features = router.shape[0]
     module.task_embedding.weight = parameter(new_emb, module.task_embedding.weight)
