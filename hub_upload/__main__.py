@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one task as a plain T5ForConditionalGeneration folder (no remote code)",
         description="Merge one task's adapter into a wider FFN and write a T5ForConditionalGeneration folder that "
         "loads without trust_remote_code and computes the task's stage-1 outputs; refuses, naming the reason, where "
-        "the merge cannot be exact (adapter form other than the FFN's, other activation, attention adapters, stage 2).",
+        "the merge cannot be exact (adapter form or activation other than the FFN's, attention adapters, stage 2).",
     )
     export.add_argument("model_dir", help="the ALTER model folder")
     export.add_argument("task", help="the task to export (a name of config.task_names)")
