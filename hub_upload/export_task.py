@@ -31,7 +31,7 @@ class ExportTaskError(HubUploadError, ValueError):
 
 
 def merge_refusals(config) -> list[str]:
-    """Reasons why a model with `config` (an `AlterConfig`) cannot merge a task into a plain T5 exactly; [] if it can."""
+    """Reasons why a model with `config` (an `AlterConfig`) cannot merge a task into a plain T5 exactly ([]: it can)."""
     reasons = []
     if config.stage != 1:
         reasons.append(

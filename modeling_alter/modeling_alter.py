@@ -541,7 +541,8 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         if names is not None:
             names = [names] if isinstance(names, str) else list(names)
             if not names:
-                raise ValueError(f"train_tasks needs at least one task name (or None); tasks: {self.config.task_names}.")
+                raise ValueError(
+                    f"train_tasks needs at least one task name (or None); tasks: {self.config.task_names}.")
             self.task_ids(names)  # names the known tasks in its error for an unknown one
         self._train_task_names = None if names is None else tuple(names)
         self.set_stage(self.config.stage)

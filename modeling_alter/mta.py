@@ -635,5 +635,6 @@ def prefix_matcher_for(config) -> PrefixMatcher:
     return PrefixMatcher([config.task_prefix_ids.get(name, []) for name in config.task_names])
 
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
-           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher", "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "BLOCKED_GATE_LOGIT",
+           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher",
+           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
            "check_stage"]

@@ -6,8 +6,8 @@ stage-1 batch trains only the tasks it contains, so the other rows of the gradie
 reads and writes every row (moments, weight decay) at every step, which at T = 128 costs more than the model's own
 update. `RowSparseAdamW` updates, in such "row-sparse" parameters, only the rows whose gradient is non-zero, each
 with its own step count, through PyTorch's own AdamW arithmetic, so that each row follows exactly (bit for bit on
-CPU, against the non-fused kernel) what `torch.optim.AdamW` does to a task adapter held as its own parameter, which receives no gradient, and so no
-update, on the steps whose batch does not contain its task.
+CPU, against the non-fused kernel) what `torch.optim.AdamW` does to a task adapter held as its own parameter, which
+receives no gradient, and so no update, on the steps whose batch does not contain its task.
 
 Weight decay (decoupled, `p *= 1 - lr * weight_decay`) therefore applies to a task's adapter on the steps that train
 that task, not on every step: a task seen in 1 step of 10 decays 10 times less than with dense AdamW. A row whose
