@@ -10,6 +10,16 @@ from hub_upload.export_task import ExportTaskError, export_task, task_to_t5
 from modeling_alter import AlterForConditionalGeneration
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def converted(ffn="relu", tied=True, **mta_kwargs):
     """An ALTER model converted from a tiny T5, with trained-looking (non-zero) adapters."""
     mta_kwargs.setdefault("adapter_activation", "relu")

@@ -8,6 +8,16 @@ from modeling_alter.optim import RowSparseAdamW
 from modeling_alter.trainer import AlterTrainer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_row_sparse_adamw_equals_adamw_on_per_task_parameters(amsgrad):
     """Each row of a stacked bank follows exactly what AdamW does to that row held as its own parameter, which gets
