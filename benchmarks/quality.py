@@ -155,7 +155,13 @@ class BenchmarkArguments:
     num_layers: int = field(default=2, metadata={"help": "Encoder and decoder layers."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     dropout_rate: float = field(default=0.0, metadata={"help": "Dropout of the backbone."})
+    feed_forward_proj: str = field(default="relu", metadata={"help": "Backbone FFN: relu (T5 v1.0) or gated-gelu "
+                                                              "(T5 v1.1 / Flan-T5)."})
     # ---- ALTER
+    adapter_form: str = field(default="plain", metadata={"help": "ALTER adapter form: plain or gated (mirrors a gated "
+                                                         "FFN, exactly exportable into it)."})
+    adapter_activation: str = field(default="relu", metadata={"help": "ALTER adapter activation (gelu_new matches "
+                                                              "gated-gelu)."})
     adapter_dim: int = field(default=32, metadata={"help": "ALTER adapter bottleneck r."})
     num_shared_adapters: int = field(default=1, metadata={"help": "ALTER shared adapters S."})
     router_top_k: int | None = field(default=None, metadata={"help": "ALTER stage-2 top-k routing (None: dense)."})
@@ -347,7 +353,7 @@ def backbone_kwargs(args: BenchmarkArguments) -> dict:
         num_layers=args.num_layers,
         num_heads=args.num_heads,
         dropout_rate=args.dropout_rate,
-        feed_forward_proj="relu",
+        feed_forward_proj=args.feed_forward_proj,
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
@@ -368,6 +374,8 @@ def alter_config(args: BenchmarkArguments, task_names, adapter_dim, num_shared_a
         num_shared_adapters=num_shared_adapters,
         router_top_k=args.router_top_k,
         task_id_drop_rate=args.task_id_drop_rate,
+        adapter_form=args.adapter_form,
+        adapter_activation=args.adapter_activation,
         **backbone_kwargs(args),
     )
 

@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # full run, < 25 min on a 2-core CPU
     python benchmarks/speed.py --quick    # < 3 min: fewer tokens, repetitions and task counts
     python benchmarks/speed.py --device cuda   # the same on a GPU in bf16 (a separate column of the table)
+    python benchmarks/speed.py --sections scaling --scaling-parts train --task-counts 32,128   # one table part
 
 Every figure is a ratio against a plain `T5ForConditionalGeneration` of the same shape (t5-small: d_model 512,
 d_ff 2048, 6+6 layers, 8 heads, vocab 32128; random weights, fixed seed) measured in the same process: the
@@ -223,9 +224,10 @@ def train_flop_ratio(kind, src, tgt, num_tasks=8):
     base_f, _ = backbone_costs(8, src, tgt, 8, generate=False)
     if kind in ("t5", "control"):
         return 1.0
-    name = {"s1": "alter_s1_mixed", "s2_dense": "alter_s2_dense", "s2_top2": "alter_s2_top2"}.get(kind, kind)
+    name = {"s1": "alter_s1_mixed", "s1_rowsparse": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
+            "s2_top2": "alter_s2_top2"}.get(kind, kind)
     extra, _ = adapter_costs(name, 8, src, tgt, 8, False, num_tasks=num_tasks)
-    if kind == "s1":
+    if kind in ("s1", "s1_rowsparse"):
         return 3 * (base_f + extra) / (3 * base_f)
     tokens = 8 * (src + tgt)
     trained = tokens * SHAPE["num_layers"] * 4 * SHAPE["d_model"] * ADAPTER_DIM * SHARED  # shared adapters' grads
@@ -346,10 +348,17 @@ def train_batch(device, src, tgt, seed=4):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def train_step_fn(model, batch, extra=None, hooks=None):
+def train_step_fn(model, batch, extra=None, hooks=None, row_sparse=False):
+    """One training step (forward, backward, AdamW step). `row_sparse`: `RowSparseAdamW` (what `AlterTrainer` uses),
+    which updates in the task-adapter banks only the rows of the tasks in the batch."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    if row_sparse:
+        from modeling_alter.optim import RowSparseAdamW
+
+        optimizer = RowSparseAdamW(params, row_sparse=model.task_adapter_banks(), lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
     extra = extra or {}
 
     def step():
@@ -452,6 +461,9 @@ def memory_section(args, log):
 
 
 def scaling_section(args, t5, log):
+    """Ratios to plain T5 as the number of tasks grows (`--task-counts`), generation and/or training step
+    (`--scaling-parts`). Training compares stage 1 with plain AdamW (every task's adapter updated at every step) and
+    with `RowSparseAdamW` (only the batch's tasks; `AlterTrainer`'s optimizer) side by side in the same rounds."""
     results = {}
     ids, mask = inputs(args.device, 8, 64)
     batch = train_batch(args.device, args.train_src, 32)
@@ -459,24 +471,35 @@ def scaling_section(args, t5, log):
     for num_tasks in args.task_counts:
         mixed = torch.arange(8, device=args.device) % num_tasks
         models = train_models(t5, num_tasks=num_tasks, peers=False)
-        gen = {"t5": lambda: t5.generate(input_ids=ids, attention_mask=mask, **kwargs)}
-        for name in ("s1", "s2_dense", "s2_top2"):
-            model = models[name][0]
-            gen[name] = (lambda m=model: m.eval().generate(input_ids=ids, attention_mask=mask, task_ids=mixed, **kwargs))
-        log(f"scaling T={num_tasks}: generate")
-        with torch.no_grad():
-            gen_times = interleaved(gen, args.reps, args.clock_fn, log=log)
-        fns = {name: train_step_fn(m, batch, e, h) for name, (m, e, h) in models.items()}
-        log(f"scaling T={num_tasks}: train step")
-        train_times = interleaved(fns, args.reps, args.clock_fn, log=log)
-        for name in ("s1", "s2_dense", "s2_top2"):
-            kind = {"s1": "alter_s1_mixed", "s2_dense": "alter_s2_dense", "s2_top2": "alter_s2_top2"}[name]
+        gen_times = train_times = None
+        if "generate" in args.scaling_parts:
+            gen = {"t5": lambda: t5.generate(input_ids=ids, attention_mask=mask, **kwargs)}
+            for name in ("s1", "s2_dense", "s2_top2"):
+                model = models[name][0]
+                gen[name] = (lambda m=model: m.eval().generate(input_ids=ids, attention_mask=mask, task_ids=mixed,
+                                                               **kwargs))
+            log(f"scaling T={num_tasks}: generate")
+            with torch.no_grad():
+                gen_times = interleaved(gen, args.reps, args.clock_fn, log=log)
+        if "train" in args.scaling_parts:
+            fns = {name: train_step_fn(m, batch, e, h) for name, (m, e, h) in models.items()}
+            s1_model, s1_extra, _ = models["s1"]
+            fns["s1_rowsparse"] = train_step_fn(s1_model, batch, s1_extra, row_sparse=True)
+            log(f"scaling T={num_tasks}: train step")
+            train_times = interleaved(fns, args.reps, args.clock_fn, log=log)
+        for name in ("s1", "s1_rowsparse", "s2_dense", "s2_top2"):
+            kind = {"s1": "alter_s1_mixed", "s1_rowsparse": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
+                    "s2_top2": "alter_s2_top2"}[name]
             flop, traffic = generate_limits(kind, 1, args.new_tokens, distinct=min(8, num_tasks), num_tasks=num_tasks)
-            results[f"T{num_tasks}_{name}"] = dict(
-                tasks=num_tasks, mode=name, gen_ratio=paired_ratio(gen_times, name), gen_flop_ratio=flop,
-                gen_traffic_ratio=traffic, train_ratio=paired_ratio(train_times, name),
-                train_flop_ratio=train_flop_ratio(name, args.train_src, 32, num_tasks=num_tasks))
-        del models, fns, gen
+            row = dict(tasks=num_tasks, mode=name, gen_flop_ratio=flop, gen_traffic_ratio=traffic,
+                       train_flop_ratio=train_flop_ratio(name, args.train_src, 32, num_tasks=num_tasks))
+            if gen_times is not None and name in gen_times:
+                row["gen_ratio"] = paired_ratio(gen_times, name)
+            if train_times is not None:
+                row["train_ratio"] = paired_ratio(train_times, name)
+                row["train_spread"] = spread(train_times, name)
+            results[f"T{num_tasks}_{name}"] = row
+        del models
         gc.collect()
     return results
 
@@ -488,10 +511,12 @@ def plot_scaling(scaling, path, device):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = {"s1": "stage 1", "s2_dense": "stage 2 dense", "s2_top2": "stage 2 top-2"}
+    labels = {"s1": "stage 1", "s1_rowsparse": "stage 1, row-sparse AdamW", "s2_dense": "stage 2 dense",
+              "s2_top2": "stage 2 top-2"}
     for ax, key, title in ((axes[0], "gen", "generate (greedy, batch 8)"), (axes[1], "train", "training step")):
         for mode, label in labels.items():
-            rows = sorted((r for r in scaling.values() if r["mode"] == mode), key=lambda r: r["tasks"])
+            rows = sorted((r for r in scaling.values() if r["mode"] == mode and f"{key}_ratio" in r),
+                          key=lambda r: r["tasks"])
             if not rows:
                 continue
             x = [r["tasks"] for r in rows]
@@ -596,14 +621,18 @@ def markdown(runs):
         lines += ["", f"Scaling with the number of tasks T ({devices[0].upper()}; generate greedy, batch of 8 mixing "
                   "min(T, 8) tasks; each cell: measured ratio (FLOP ratio / weight-traffic ratio)):", "",
                   "| T | generate: stage 1 | generate: stage 2 dense | generate: stage 2 top-2 | train: stage 1 "
-                  "| train: stage 2 dense | train: stage 2 top-2 |", "|---|---|---|---|---|---|---|"]
+                  "(AdamW) | train: stage 1 (row-sparse AdamW, AlterTrainer's) | train: stage 2 dense | train: stage 2 "
+                  "top-2 |", "|---|---|---|---|---|---|---|---|"]
         for tasks in sorted({r["tasks"] for r in scaling.values()}):
             gen, train = [], []
             for mode in ("s1", "s2_dense", "s2_top2"):
                 r = scaling.get(f"T{tasks}_{mode}")
                 gen.append(f"{r['gen_ratio']:.3f} ({r['gen_flop_ratio']:.3f} / {r['gen_traffic_ratio']:.3f})"
-                           if r else "–")
-                train.append(f"{r['train_ratio']:.3f} ({r['train_flop_ratio']:.3f})" if r else "–")
+                           if r and "gen_ratio" in r else "–")
+            for mode in ("s1", "s1_rowsparse", "s2_dense", "s2_top2"):
+                r = scaling.get(f"T{tasks}_{mode}")
+                train.append(f"{r['train_ratio']:.3f} ({r['train_flop_ratio']:.3f})" if r and "train_ratio" in r
+                             else "–")
             lines.append(f"| {tasks} | " + " | ".join(gen + train) + " |")
     return "\n".join(lines)
 
@@ -621,6 +650,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--sections", default="generate,train,memory,scaling")
     parser.add_argument("--skip-peers", default="", help="comma-separated among poly,mhr,lora,xlora")
+    parser.add_argument("--task-counts", default=None,
+                        help="comma-separated numbers of tasks of the scaling section (default 2,8,32,128; quick 2,32)")
+    parser.add_argument("--scaling-parts", default="generate,train",
+                        help="what the scaling section measures: generate, train or both (default)")
     parser.add_argument("--train-src", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -633,7 +666,9 @@ def parse_args(argv=None):
     args.reps = args.reps or (3 if args.quick else 5)
     args.new_tokens = 8 if args.quick else 32
     args.beams = [1] if args.quick else [1, 4]
-    args.task_counts = [2, 32] if args.quick else [2, 8, 32, 128]
+    default_counts = [2, 32] if args.quick else [2, 8, 32, 128]
+    args.task_counts = [int(n) for n in args.task_counts.split(",")] if args.task_counts else default_counts
+    args.scaling_parts = args.scaling_parts.split(",")
     if args.quick:
         args.train_src = 64
     return args

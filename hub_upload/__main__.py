@@ -6,6 +6,7 @@
     alter-hub check OUT_DIR [--timeout SECONDS] [--python PATH]
     alter-hub push OUT_DIR ORG/NAME [--private] [--revision BRANCH] [--create-pr] [--commit-message MSG]
         [--commit-description TEXT] [--token TOKEN] [--dry-run] [--timeout SECONDS]
+    alter-hub export-task MODEL_DIR TASK OUT_DIR [--stage1] [--overwrite]
 
 Exit status: 0 on success, 1 when the folder or the options are refused (the message names the file or value),
 2 for command-line usage errors.
@@ -110,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hugging Face token (prefer HF_TOKEN: command lines are visible to others)")
     push.add_argument("--dry-run", action="store_true", help="run every check and list the files, without network")
     push.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds allowed for the isolated load")
+    export = commands.add_parser(
+        "export-task",
+        help="write one task as a plain T5ForConditionalGeneration folder (no remote code)",
+        description="Merge one task's adapter into a wider FFN and write a T5ForConditionalGeneration folder that "
+        "loads without trust_remote_code and computes the task's stage-1 outputs; refuses, naming the reason, where "
+        "the merge cannot be exact (adapter form or activation other than the FFN's, attention adapters, stage 2).",
+    )
+    export.add_argument("model_dir", help="the ALTER model folder")
+    export.add_argument("task", help="the task to export (a name of config.task_names)")
+    export.add_argument("out_dir", help="the new folder to write")
+    export.add_argument("--stage1", action="store_true", help="export a stage-2 model's stage-1 computation")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     return parser
 
 
@@ -144,6 +157,11 @@ def main(argv=None) -> int:
             for warning in prepared.warnings:
                 print(f"warning: {warning}")
             print(f"next: alter-hub check {prepared.path}")
+        elif args.command == "export-task":
+            from .export_task import export_task
+
+            out = export_task(args.model_dir, args.task, args.out_dir, stage1=args.stage1, overwrite=args.overwrite)
+            print(f"wrote {out}: task {args.task!r} as a plain T5ForConditionalGeneration (no remote code)")
         elif args.command == "check":
             print(check_folder(args.folder, timeout=args.timeout, python=args.python).summary())
         else:

@@ -205,7 +205,8 @@ def _task_id(name: str, task_names: Sequence[str]) -> int:
 
 
 def _load_tasks(
-    tasks: Mapping[str, TaskSpec], task_names: Sequence[str], source_column: str, target_column: str
+    tasks: Mapping[str, TaskSpec], task_names: Sequence[str], source_column: str, target_column: str,
+    task_prefixes: Mapping[str, str] | None = None,
 ) -> dict[str, Dataset]:
     if not tasks:
         raise ValueError("No task given: `tasks` must map at least one task name to its data.")
@@ -213,6 +214,12 @@ def _load_tasks(
     for name, spec in tasks.items():
         task_id = _task_id(name, task_names)
         dataset = load_task_data(spec, source_column, target_column, task_name=name)
+        prefix = (task_prefixes or {}).get(name)
+        if prefix:  # the model's `config.task_prefixes`: each source starts with its task's prefix
+            dataset = dataset.map(
+                lambda row: {"source": row["source"] if row["source"].startswith(prefix) else prefix + row["source"]},
+                desc=f"Adding the prefix of {name}",
+            )
         loaded[name] = dataset.add_column("task_ids", [task_id] * len(dataset), feature=Value("int64"))
     return loaded
 
@@ -244,6 +251,7 @@ def build_multitask_dataset(
     max_target_length: int = 128,
     source_column: str = "source",
     target_column: str = "target",
+    task_prefixes: Mapping[str, str] | None = None,
 ) -> Dataset:
     """Build one shuffled, tokenized multi-task training set.
 
@@ -260,11 +268,13 @@ def build_multitask_dataset(
         seed: seed of the sampling.
         max_source_length, max_target_length: truncation lengths in tokens.
         source_column, target_column: text columns of the task specs.
+        task_prefixes: task name -> input prefix (e.g. the model's `config.task_prefixes`), added to every source of
+            that task that does not already start with it, so the model can route by prefix without `task_ids`.
 
     Returns:
         A `datasets.Dataset` with columns `input_ids`, `attention_mask`, `labels` and `task_ids`.
     """
-    loaded = _load_tasks(tasks, task_names, source_column, target_column)
+    loaded = _load_tasks(tasks, task_names, source_column, target_column, task_prefixes)
     sizes = {name: len(dataset) for name, dataset in loaded.items()}
     rates = mixing_rates(sizes, mixing, temperature, max_examples_per_task)
     if num_examples is None:
@@ -301,11 +311,13 @@ def build_eval_datasets(
     max_target_length: int = 128,
     source_column: str = "source",
     target_column: str = "target",
+    task_prefixes: Mapping[str, str] | None = None,
 ) -> dict[str, Dataset]:
     """Tokenize each task's evaluation data separately, in its original order (no mixing).
 
     Args:
-        tasks, tokenizer, task_names, max_source_length, max_target_length, source_column, target_column:
+        tasks, tokenizer, task_names, max_source_length, max_target_length, source_column, target_column,
+        task_prefixes:
             as in `build_multitask_dataset`.
         max_examples_per_task: keep only the first this many examples of each task (None: all).
 
@@ -317,7 +329,7 @@ def build_eval_datasets(
         raise ValueError(f"max_examples_per_task must be a positive integer or None, got {max_examples_per_task!r}.")
     tokenize = _tokenize_function(tokenizer, max_source_length, max_target_length)
     eval_datasets = {}
-    for name, dataset in _load_tasks(tasks, task_names, source_column, target_column).items():
+    for name, dataset in _load_tasks(tasks, task_names, source_column, target_column, task_prefixes).items():
         if max_examples_per_task is not None:
             dataset = dataset.select(range(min(max_examples_per_task, len(dataset))))
         dataset = dataset.map(tokenize, batched=True, remove_columns=["source"], desc=f"Tokenizing {name}")

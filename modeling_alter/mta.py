@@ -28,8 +28,25 @@ try:  # Transformers >= 5: initialisers that skip weights already loaded from a 
 except ImportError:  # pragma: no cover
     init = nn.init
 
+# `router_top_k="auto"` (the default): dense stage-2 routing up to this many adapters, top-AUTO_TOP_K past it. Dense
+# stage 2 costs grow linearly with the number of adapters (2.24x plain T5 to generate at T = 128); top-2 stays flat
+# (1.23-1.26x from T = 32 to 128, see the README's scaling table).
+AUTO_DENSE_MAX_ADAPTERS = 16
+AUTO_TOP_K = 2
+
+
+def resolve_top_k(router_top_k, num_adapters: int) -> int | None:
+    """The top-k an MTA module with `num_adapters` adapters uses for a config's `router_top_k` (None: dense)."""
+    if router_top_k == "auto":
+        return None if num_adapters <= AUTO_DENSE_MAX_ADAPTERS else AUTO_TOP_K
+    return router_top_k
+
+
 # Parameters of an MTA module that belong to the task adapters (stage 1); every other MTA parameter is stage 2's.
-TASK_ADAPTER_PARAMETERS = ("task_down", "task_up")
+TASK_ADAPTER_PARAMETERS = ("task_down", "task_up", "task_linear")
+# Forms of an adapter: "plain" `U act(D u)`, or "gated" `U (act(D u) * (L u))`, the form of a gated FFN (T5 v1.1 /
+# Flan-T5: `wo (act(wi_0 u) * wi_1 u)`), into which a gated adapter merges exactly as extra hidden units.
+ADAPTER_FORMS = ("plain", "gated")
 
 class RowGroups(NamedTuple):
     """The rows of a matrix sorted by adapter: block g (`sizes[g]` consecutive rows) goes through `adapters[g]`."""
@@ -138,12 +155,16 @@ class AlterMTA(nn.Module):
         d, r = config.hidden_size, config.adapter_dim
         self.num_tasks = config.num_tasks
         self.num_adapters = config.num_adapters
-        self.top_k = config.router_top_k
+        self.top_k = resolve_top_k(config.router_top_k, config.num_adapters)
         self.task_down = nn.Parameter(torch.empty(config.num_tasks, d, r))
         self.task_up = nn.Parameter(torch.empty(config.num_tasks, r, d))
         self.shared_down = nn.Parameter(torch.empty(config.num_shared_adapters, d, r))
         self.shared_up = nn.Parameter(torch.empty(config.num_shared_adapters, r, d))
         self.act = ACT2FN[config.adapter_activation]
+        self.gated = getattr(config, "adapter_form", "plain") == "gated"
+        # gated form: the linear branch L of each adapter (`[n, d, r]`, like T5's wi_1); None for the plain form
+        self.task_linear = nn.Parameter(torch.empty(config.num_tasks, d, r)) if self.gated else None
+        self.shared_linear = nn.Parameter(torch.empty(config.num_shared_adapters, d, r)) if self.gated else None
         self.router = nn.Linear(d, self.num_adapters, bias=False)
         # One row per task plus a last row for the unknown task, embedded directly in gate-logit space.
         self.task_embedding = nn.Embedding(config.num_tasks + 1, self.num_adapters)
@@ -163,10 +184,15 @@ class AlterMTA(nn.Module):
         groups = routing.task_groups
         if len(groups.adapters) == 1:
             task = groups.adapters[0]
-            return self.act(u @ self.task_down[task].to(u.dtype)) @ self.task_up[task].to(u.dtype)
+            hidden = self.act(u @ self.task_down[task].to(u.dtype))
+            if self.gated:
+                hidden = hidden * (u @ self.task_linear[task].to(u.dtype))
+            return hidden @ self.task_up[task].to(u.dtype)
         x = u.index_select(0, routing.order).flatten(0, 1)
         tokens = groups.repeat_rows(u.shape[1])
         hidden = self.act(_matmul_per_group(x, self.task_down, tokens))
+        if self.gated:
+            hidden = hidden * _matmul_per_group(x, self.task_linear, tokens)
         return _matmul_per_group(hidden, self.task_up, tokens).view_as(u).index_select(0, routing.group_inverse)
 
     def gate_weights(self, u: torch.Tensor, task_ids: torch.Tensor | None):
@@ -204,7 +230,7 @@ class AlterMTA(nn.Module):
             if self.shared_down.shape[0]:
                 shared = weights[..., self.num_tasks :].reshape(-1, self.shared_down.shape[0]).to(u.dtype)
                 out = self._weighted_bank(u.reshape(-1, u.shape[-1]), self.shared_down, self.shared_up, shared,
-                                          out.reshape(-1, u.shape[-1])).view_as(u)
+                                          out.reshape(-1, u.shape[-1]), self.shared_linear).view_as(u)
         elif support is not None and self._sparse_pays(support):
             out = self._sparse_mixture(u, weights, support)
         else:
@@ -223,22 +249,32 @@ class AlterMTA(nn.Module):
     def _dense_mixture(self, u, weights):
         """Every adapter for every token: per bank (task, shared), one batched GEMM down and one GEMM up."""
         x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, self.num_adapters).to(u.dtype)
-        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks])
+        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks], linear=self.task_linear)
         if self.shared_down.shape[0]:
-            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out)
+            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out,
+                                      self.shared_linear)
         return out.view_as(u)
 
-    def _weighted_bank(self, x, down, up, w, out=None):
-        """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d])."""
+    def _weighted_bank(self, x, down, up, w, out=None, linear=None):
+        """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d]; gated
+        form: `linear` [n, d, r])."""
         n, d, r = down.shape
-        down, up = down.to(x.dtype), up.to(x.dtype).reshape(n * r, d)
-        if torch.is_grad_enabled() and (x.requires_grad or down.requires_grad):
-            # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
-            hidden = self.act(x @ down.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
-        else:  # a batched GEMM reads the weights in place
-            hidden = self.act(torch.matmul(x, down)).transpose(0, 1)
+        up = up.to(x.dtype).reshape(n * r, d)
+        hidden = self._bank_hidden(x, down, n, d, r, activate=True)
+        if linear is not None:
+            hidden = hidden * self._bank_hidden(x, linear, n, d, r, activate=False)
         hidden = (hidden * w[:, :, None]).reshape(-1, n * r)
         return hidden @ up if out is None else torch.addmm(out, hidden, up)
+
+    def _bank_hidden(self, x, weights, n, d, r, activate):
+        """`[N, n, r]`: every adapter's projection `x @ weights[j]` (activated for the down-projection)."""
+        weights = weights.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
+            hidden = (x @ weights.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
+        else:  # a batched GEMM reads the weights in place
+            hidden = torch.matmul(x, weights).transpose(0, 1)
+        return self.act(hidden) if activate else hidden
 
     def _sparse_mixture(self, u, weights, support):
         """Only the (token, adapter) pairs in `support`: pairs sorted by adapter, one GEMM per adapter used."""
@@ -250,12 +286,14 @@ class AlterMTA(nn.Module):
         rows = x.index_select(0, token)
         out = torch.zeros_like(x)
         start = 0
-        for down, up, bank_counts in ((self.task_down, self.task_up, counts[:T]),
-                                      (self.shared_down, self.shared_up, counts[T:])):
+        for down, up, linear, bank_counts in ((self.task_down, self.task_up, self.task_linear, counts[:T]),
+                                              (self.shared_down, self.shared_up, self.shared_linear, counts[T:])):
             end = start + int(bank_counts.sum())
             if end > start:
                 groups = RowGroups.from_counts(bank_counts)
                 hidden = self.act(_matmul_per_group(rows[start:end], down, groups)) * pair_weights[start:end]
+                if linear is not None:
+                    hidden = hidden * _matmul_per_group(rows[start:end], linear, groups)
                 out.index_add_(0, token[start:end], _matmul_per_group(hidden, up, groups))
             start = end
         return out.view_as(u)
@@ -327,6 +365,9 @@ def init_mta_weights(module: "AlterMTA", std: float) -> None:
     its backbone computes."""
     init.normal_(module.task_down, mean=0.0, std=std)
     init.normal_(module.shared_down, mean=0.0, std=std)
+    if module.gated:
+        init.normal_(module.task_linear, mean=0.0, std=std)
+        init.normal_(module.shared_linear, mean=0.0, std=std)
     init.zeros_(module.task_up)
     init.zeros_(module.shared_up)
     init.zeros_(module.router.weight)
@@ -358,5 +399,242 @@ def stage_trainable_names(named_parameters, stage: int, train_backbone: bool) ->
     return names
 
 
+
+
+# ---- a model's life after training: add, keep and route tasks (model-independent) ------------------------------
+
+# Gate logit of an adapter that a task may not route to (a task added later, seen from an older task or the unknown
+# task): its softmax probability is exactly 0 in fp32 (exp underflows), so is its gradient, and top-k never needs it.
+BLOCKED_GATE_LOGIT = -1e9
+
+
+@torch.no_grad()
+def remap_mta_tasks(module: AlterMTA, keep: list[int], added: list[int | None], std: float,
+                    top_k: int | None) -> None:
+    """Rebuilds `module`'s task dimension in place: the new tasks are the old tasks `keep` (in that order) followed by
+    one new task per entry of `added` (the old task it copies, or `None` for a fresh adapter: down-projection
+    ~ N(0, std), up-projection zero, so its output starts at zero).
+
+    Parameters and their new shapes (T' = len(keep) + len(added), n' = T' + S):
+    - `task_down` [T', d, r] and `task_up` [T', r, d]: kept rows, then the new adapters;
+    - `router.weight` [n', d]: one row per adapter (a copied task's row, or zero);
+    - `task_embedding.weight` [T' + 1, n'] (last row: the unknown task): kept rows restricted to the kept columns, so
+      a kept task's gate is its old softmax renormalised over the kept adapters. A kept task and the unknown task get
+      `BLOCKED_GATE_LOGIT` in the new adapters' columns, so their outputs do not change. A new task's row is its
+      source's row (or the unknown task's row), with `BLOCKED_GATE_LOGIT` in the other new tasks' columns and, in its
+      own column, its source's own value (or 0).
+    `gate_mix` and the shared adapters are unchanged. New parameters keep the old ones' dtype and device; their
+    `requires_grad` is False until the model's `set_stage` sets it.
+    """
+    T, S = module.num_tasks, module.shared_down.shape[0]
+    keep_index = torch.tensor(keep, dtype=torch.long, device=module.task_down.device)
+    n_new_tasks = len(keep) + len(added)
+
+    def new_rows(bank, fresh):
+        rows = [bank.index_select(0, keep_index)]
+        for source in added:
+            rows.append(bank[source:source + 1].clone() if source is not None else fresh(bank[:1]))
+        return torch.cat(rows)
+
+    down = new_rows(module.task_down, lambda like: torch.randn_like(like) * std)
+    up = new_rows(module.task_up, torch.zeros_like)
+    linear = new_rows(module.task_linear, lambda like: torch.randn_like(like) * std) if module.gated else None
+    # adapter columns: kept tasks, new tasks, shared adapters (-1: a new column)
+    columns = list(keep) + [-1] * len(added) + list(range(T, T + S))
+    column_index = torch.tensor([c if c >= 0 else 0 for c in columns], dtype=torch.long, device=down.device)
+    is_new = torch.tensor([c < 0 for c in columns], device=down.device)
+    router = module.router.weight.index_select(0, column_index).clone()
+    router[is_new] = 0
+    for i, source in enumerate(added):
+        if source is not None:
+            router[len(keep) + i] = module.router.weight[source]
+    emb = module.task_embedding.weight
+    emb_rows = torch.cat([emb.index_select(0, keep_index), emb.new_empty(len(added), emb.shape[1]), emb[T:]])
+    for i, source in enumerate(added):
+        emb_rows[len(keep) + i] = emb[source if source is not None else T]
+    new_emb = emb_rows.index_select(1, column_index)
+    new_emb[:, is_new] = BLOCKED_GATE_LOGIT
+    for i, source in enumerate(added):
+        new_emb[len(keep) + i, len(keep) + i] = emb[source, source] if source is not None else 0.0
+
+    def parameter(value, old):
+        return nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=False)
+
+    module.task_down = parameter(down, module.task_down)
+    module.task_up = parameter(up, module.task_up)
+    if module.gated:
+        module.task_linear = parameter(linear, module.task_linear)
+    module.router.weight = parameter(router, module.router.weight)
+    module.router.out_features = router.shape[0]
+    module.task_embedding.weight = parameter(new_emb, module.task_embedding.weight)
+    module.task_embedding.num_embeddings = new_emb.shape[0]
+    module.task_embedding.embedding_dim = new_emb.shape[1]
+    module.num_tasks, module.num_adapters, module.top_k = n_new_tasks, n_new_tasks + S, top_k
+
+
+def plan_task_changes(task_names: list[str], keep=None, add=None, init_from=None) -> tuple[list[int], list]:
+    """Validates a change of a model's task list and returns `(keep, added)` for `remap_mta_tasks`.
+
+    `keep`: names of the existing tasks to keep (default: all, in order); `add`: new task names; `init_from`: `None`,
+    one existing task name for every new task, or a list with one entry (a name or `None`) per new task."""
+    index = {name: i for i, name in enumerate(task_names)}
+    if keep is None:
+        keep_ids = list(range(len(task_names)))
+    else:
+        if isinstance(keep, str):
+            keep = [keep]
+        keep = list(keep)
+        if not keep:
+            raise ValueError(f"keep_tasks needs at least one task name; this model has tasks {task_names}.")
+        unknown = [name for name in keep if name not in index]
+        if unknown:
+            raise ValueError(f"Unknown task name(s) {unknown} to keep; this model has tasks {task_names}.")
+        duplicates = sorted({name for name in keep if keep.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"Task name(s) {duplicates} given more than once to keep_tasks.")
+        keep_ids = [index[name] for name in keep]
+    add = [] if add is None else ([add] if isinstance(add, str) else list(add))
+    bad = [name for name in add if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"New task names {bad!r} are not valid: expected non-empty strings.")
+    existing = sorted(name for name in add if name in index)
+    if existing:
+        raise ValueError(f"Task name(s) {existing} already exist in this model (tasks {task_names}); new tasks need "
+                         "new names.")
+    duplicates = sorted({name for name in add if add.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"New task name(s) {duplicates} given more than once.")
+    sources = init_from if isinstance(init_from, (list, tuple)) else [init_from] * len(add)
+    if len(sources) != len(add):
+        raise ValueError(f"init_from has {len(sources)} entries for {len(add)} new tasks; expected one per new task.")
+    unknown = [source for source in sources if source is not None and source not in index]
+    if unknown:
+        raise ValueError(f"init_from names unknown task(s) {unknown}; expected None or one of {task_names}.")
+    return keep_ids, [None if source is None else index[source] for source in sources]
+
+
+class FrozenRows:
+    """Keeps some rows (dim 0) of some parameters exactly as they are while the rest of those parameters train.
+
+    `rows` maps each parameter to the indices of its rows to keep. `install_grad_hooks()` zeroes those rows'
+    gradients (so they neither move the other rows through gradient clipping nor fill optimizer moments), and
+    `restore()` copies the saved rows back; `attach(optimizer)` calls it after every optimizer step, which undoes the
+    one change an element-wise optimizer can still make with a zero gradient: decoupled weight decay. The trained
+    rows see exactly the optimizer's update (AdamW's, weight decay included) that they would see alone.
+    """
+
+    def __init__(self, rows: dict[nn.Parameter, torch.Tensor]):
+        self.rows = {p: index for p, index in rows.items() if index.numel()}
+        self.saved = {p: p.detach()[index].clone() for p, index in self.rows.items()}
+        self._handles = []
+
+    def install_grad_hooks(self) -> None:
+        for param, index in self.rows.items():
+            mask = torch.ones(param.shape[0], *([1] * (param.dim() - 1)), dtype=param.dtype, device=param.device)
+            mask[index] = 0
+            self._handles.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+
+    @torch.no_grad()
+    def restore(self, *args, **kwargs) -> None:
+        for param, index in self.rows.items():
+            param[index] = self.saved[param]
+
+    def attach(self, optimizer) -> None:
+        """Restores the rows after every `optimizer.step()`."""
+        self._handles.append(optimizer.register_step_post_hook(self.restore))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ---- routing by prompt prefix -------------------------------------------------------------------------------------
+
+
+def tokenize_prefix(tokenizer, prefix: str, probes=("x", "hello world", "1 2 3", "The")) -> list[int]:
+    """Token ids that every input starting with `prefix` starts with (`add_special_tokens=False`): the longest common
+    start of the tokenizations of `prefix + probe` for a few probes (a trailing space of the prefix may merge with the
+    next word, so the prefix's own tokenization is not always a prefix of the input's)."""
+    runs = [tokenizer(prefix + probe, add_special_tokens=False)["input_ids"] for probe in probes]
+    common = []
+    for ids in zip(*runs):
+        if any(i != ids[0] for i in ids):
+            break
+        common.append(ids[0])
+    if not common:
+        raise ValueError(f"Task prefix {prefix!r} has no token that every input starting with it shares; use a "
+                         "prefix that tokenizes to at least one token of its own (e.g. ending with ':').")
+    return common
+
+
+class PrefixMatcher:
+    """Infers each example's task from the token ids its input starts with.
+
+    Built from `prefix_ids` (one list of token ids per task, `[]` for a task without a prefix). `matcher(input_ids
+    [batch, length], attention_mask [batch, length] or None)` returns task ids [batch] (long), with `-1` where no
+    prefix matches (an input shorter than every prefix included). The input starts at its first attended token, so
+    left and right padding both work. When several prefixes match, the longest wins. One vectorised comparison per
+    batch, on the input's device; no decoding, no host synchronisation.
+    """
+
+    def __init__(self, prefix_ids: list[list[int]]):
+        width = max([len(ids) for ids in prefix_ids] + [1])
+        table = torch.full((len(prefix_ids), width), -1, dtype=torch.long)
+        for i, ids in enumerate(prefix_ids):
+            table[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.table = table  # [tasks, width], -1 past each prefix
+        self.lengths = torch.tensor([len(ids) for ids in prefix_ids])
+        self._on_device = {}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length = input_ids.shape
+        width = self.table.shape[1]
+        if attention_mask is None:
+            start = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            valid = torch.full((batch,), length, dtype=torch.long, device=input_ids.device)
+        else:
+            mask = attention_mask.bool()
+            start = mask.long().argmax(1)  # the first attended token (0 for right padding)
+            valid = mask.sum(1)
+        positions = start[:, None] + torch.arange(width, device=input_ids.device)
+        window = input_ids.gather(1, positions.clamp(max=length - 1))  # [batch, width]
+        if input_ids.device not in self._on_device:
+            self._on_device[input_ids.device] = (self.table.to(input_ids.device), self.lengths.to(input_ids.device))
+        table, lengths = self._on_device[input_ids.device]
+        inside = torch.arange(width, device=input_ids.device)[None, None] < lengths[None, :, None]
+        equal = (window[:, None, :] == table[None]) | ~inside  # [batch, tasks, width]
+        matched = equal.all(-1) & (lengths[None] > 0) & (lengths[None] <= valid[:, None])
+        score = torch.where(matched, lengths[None], -1)  # the longest matching prefix
+        best = score.max(1)
+        return torch.where(best.values >= 0, best.indices, -1)
+
+
+
+def prefix_task_ids(config, matcher: PrefixMatcher, input_ids, attention_mask=None) -> torch.Tensor:
+    """Task ids [batch] from the inputs' prefixes with `matcher` (built from `config.task_prefix_ids`): an unmatched
+    example gets the unknown task (`config.num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
+    task_ids = matcher(input_ids, attention_mask)
+    if config.stage == 2:
+        return task_ids.masked_fill(task_ids < 0, config.num_tasks)
+    unmatched = (task_ids < 0).nonzero().flatten().tolist()
+    if unmatched:
+        raise ValueError(
+            f"Example(s) {unmatched} start with none of the task prefixes {config.task_prefixes}; a stage-1 ALTER "
+            "model needs each example's task: add the prefix, or pass task_ids."
+        )
+    return task_ids
+
+
+def prefix_matcher_for(config) -> PrefixMatcher:
+    """A `PrefixMatcher` over `config.task_prefix_ids` (tasks in `config.task_names` order; [] for no prefix)."""
+    if not config.task_prefix_ids:
+        hint = (" (config.task_prefixes is set: fill the token ids with model.set_task_prefixes(tokenizer=tok))"
+                if getattr(config, "task_prefixes", None) else "")
+        raise ValueError("This model has no task prefixes to infer task ids from" + hint + "; pass task_ids.")
+    return PrefixMatcher([config.task_prefix_ids.get(name, []) for name in config.task_names])
+
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
+           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher",
+           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
            "check_stage"]

@@ -100,6 +100,14 @@ class AlterTrainingArguments(Seq2SeqTrainingArguments):
     predict_with_generate: bool = field(
         default=True, metadata={"help": "Whether to use generate to calculate generative metrics (ROUGE, BLEU)."}
     )
+    train_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train only these tasks (e.g. tasks added with model.add_tasks): their task adapters in stage 1 "
+            "and their task-embedding rows in stage 2; every other task's outputs stay bit-identical (see "
+            "AlterForConditionalGeneration.set_train_tasks). Default: every task."
+        },
+    )
 
     def __post_init__(self):
         if self.ddp_find_unused_parameters is None:
@@ -347,6 +355,8 @@ class AlterTrainer(Seq2SeqTrainer):
 
             data_collator = MultiTaskDataCollator(processing_class)
         self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
+        if args.train_tasks is not None:
+            model.set_train_tasks(args.train_tasks)
         callbacks = list(callbacks or [])
         given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]
         if len(given) > 1:
@@ -564,6 +574,15 @@ class AlterTrainer(Seq2SeqTrainer):
         optimizer = super().create_optimizer(opt_model)
         learning_rate = self._stage_learning_rate()
         inner = getattr(optimizer, "optimizer", optimizer)
+        if type(inner) is torch.optim.AdamW:
+            # the same AdamW, updating in each task-adapter bank only the rows (tasks) the step trained
+            from .optim import RowSparseAdamW
+
+            defaults = {k: v for k, v in inner.defaults.items() if k != "decoupled_weight_decay"}
+            optimizer = inner = self.optimizer = RowSparseAdamW(
+                inner.param_groups, row_sparse=self.alter_model.task_adapter_banks(), **defaults)
+        if self.alter_model.frozen_rows is not None:  # train_tasks: other tasks' rows stay exactly as they are
+            self.alter_model.frozen_rows.attach(inner)
         for group in inner.param_groups:
             group["lr"] = learning_rate
         return optimizer
