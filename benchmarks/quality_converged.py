@@ -19,7 +19,9 @@ Protocol (the same for every method and seed):
 - Methods: `multitask_t5` (plain T5, full fine-tuning on the prefixed mix), `alter_stage1` (ALTER stage 1: backbone
   + task adapters), `alter_two_stage` (stage 2 started from the best stage-1 weights and trained for at most
   `--stage2_budget` of stage 1's optimizer steps, its best dev checkpoint among stage-2 evaluations scored),
-  `alter_no_task_ids` (the model of `alter_two_stage` scored with `task_ids=None`), and optionally
+  `alter_no_task_ids` (the model of `alter_two_stage` scored with `task_ids=None`: each source's `"<task>: "` prefix
+  routes it, `config.task_prefixes`), `alter_gate_only` (the same with prefix routing off: the stage-2 gate's
+  unknown-task route, learned by dropping task ids), and optionally
   `shared_adapter` (one adapter per MTA position shared by all tasks, as many extra parameters as ALTER's task
   adapters). Every source carries its `"<task>: "` prefix, for every method.
 
@@ -73,10 +75,11 @@ METHODS = {
     "shared_adapter": "Multi-task T5 + one shared adapter",
     "alter_stage1": "ALTER stage 1 (= two-stage at the switch)",
     "alter_two_stage": "ALTER two-stage",
-    "alter_no_task_ids": "ALTER two-stage, no task ids",
+    "alter_no_task_ids": "ALTER two-stage, no task ids (routed by prefix)",
+    "alter_gate_only": "ALTER two-stage, no task ids, gate only",
 }
 REFERENCE = "multitask_t5"
-DEFAULT_METHODS = ["multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids"]
+DEFAULT_METHODS = ["multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"]
 
 # Real tasks: folder (relative to ../shared/data), metrics (the first one counts in the overall mean).
 REAL_TASKS = {
@@ -248,11 +251,16 @@ class TaskData:
 def generate_scores(model, data: TaskData, split: str, routing: str = "task_ids") -> dict:
     """Greedy generation on every task of `split` ("dev" or "eval"); returns task -> {metric: score} plus "mean"
     (the mean over tasks of each task's first metric). ALTER models get `routing`: "task_ids" (each task's id),
-    "none" (`task_ids=None`) or "single" (id 0 for every task: the one-adapter baseline)."""
+    "none" (`task_ids=None`: the task comes from the source's prefix, `config.task_prefixes`), "gate" (`task_ids=None`
+    with prefix routing off: the stage-2 gate's unknown-task route) or "single" (id 0 for every task: the
+    one-adapter baseline)."""
     sets = data.dev_sets if split == "dev" else data.eval_sets
     was_training = model.training
     model.eval()
     alter = isinstance(model, AlterForConditionalGeneration)
+    prefixes = (model.config.task_prefixes, model.config.task_prefix_ids) if alter else None
+    if routing == "gate":
+        model.config.task_prefixes = model.config.task_prefix_ids = None
     scores = {}
     for task_id, task in enumerate(data.task_names):
         dataset, predictions = sets[task], []
@@ -262,7 +270,7 @@ def generate_scores(model, data: TaskData, split: str, routing: str = "task_ids"
                                        return_tensors="pt")
             kwargs = {}
             if alter:
-                ids = {"task_ids": task_id, "single": 0, "none": None}[routing]
+                ids = {"task_ids": task_id, "single": 0, "none": None, "gate": None}[routing]
                 kwargs["task_ids"] = None if ids is None else torch.full((len(rows["input_ids"]),), ids)
             out = model.generate(**batch, **kwargs, max_new_tokens=data.max_new_tokens[task], num_beams=1,
                                  do_sample=False)
@@ -271,6 +279,8 @@ def generate_scores(model, data: TaskData, split: str, routing: str = "task_ids"
         scores[task] = {metric: compute_metric(metric, predictions, references) for metric in data.metrics[task]}
     scores["mean"] = float(np.mean([scores[t][data.metrics[t][0]] for t in data.task_names]))
     model.train(was_training)
+    if alter:
+        model.config.task_prefixes, model.config.task_prefix_ids = prefixes
     return scores
 
 
@@ -336,13 +346,22 @@ def backbone(args: ConvergedArguments, seed) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration.from_pretrained(args.backbone)
 
 
-def alter_model(args, task_names, seed, **overrides) -> AlterForConditionalGeneration:
+def alter_model(args, task_names, seed, tokenizer, **overrides) -> AlterForConditionalGeneration:
+    """ALTER converted from the method's backbone, routing sources by their `"<task>: "` prefix when no task ids are
+    given (the prefixes every benchmark source carries)."""
     kwargs = dict(adapter_dim=args.adapter_dim, num_shared_adapters=args.num_shared_adapters,
                   mta_placement=args.mta_placement, task_id_drop_rate=args.task_id_drop_rate)
     kwargs.update(overrides)
     t5 = backbone(args, seed)
     set_seed(seed)
-    return AlterForConditionalGeneration.from_t5(t5, task_names=task_names, **kwargs)
+    model = AlterForConditionalGeneration.from_t5(t5, task_names=task_names, **kwargs)
+    with_prefixes(model, tokenizer)
+    return model
+
+
+def with_prefixes(model, tokenizer):
+    if model.config.num_tasks > 1:
+        model.set_task_prefixes({name: f"{name}: " for name in model.config.task_names}, tokenizer=tokenizer)
 
 
 def trainable(model) -> int:
@@ -418,6 +437,7 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
         results = {m: r for m, r in previous.items() if m in ("multitask_t5", "shared_adapter", "alter_stage1")}
         model = AlterForConditionalGeneration.from_pretrained(Path(args.reuse_stage1) / "runs" / f"seed{seed}"
                                                               / "stage1_best")
+        with_prefixes(model, tokenizer)
         return _stage2(args, data, model, train_set, seed, run_dir, results)
 
     if "multitask_t5" in args.methods:
@@ -426,23 +446,23 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
         results["multitask_t5"] = _result(model, data, record, {"all": trainable(model)})
 
     if "shared_adapter" in args.methods:
-        alter = alter_model(args, names, seed)
+        alter = alter_model(args, names, seed, tokenizer)
         extra = sum(p.numel() for m in alter.mta_modules().values() for p in (m.task_down, m.task_up))
         dim = max(1, round(extra / (2 * alter.config.d_model * len(alter.mta_modules()))))
-        model = alter_model(args, ["shared"], seed, adapter_dim=dim, num_shared_adapters=0)
+        model = alter_model(args, ["shared"], seed, tokenizer, adapter_dim=dim, num_shared_adapters=0)
         shared_set = train_set.remove_columns("task_ids").add_column("task_ids", [0] * len(train_set))
         record = train_to_plateau(args, data, model, shared_set, seed, run_dir / "shared", True, **plateau,
                                   routing="single")
         results["shared_adapter"] = _result(model, data, record, {"all": trainable(model)}, "single", adapter_dim=dim)
 
-    if not {"alter_stage1", "alter_two_stage", "alter_no_task_ids"} & set(args.methods):
+    if not {"alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
         return results
-    model = alter_model(args, names, seed)
+    model = alter_model(args, names, seed, tokenizer)
     record = train_to_plateau(args, data, model, train_set, seed, run_dir / "stage1", True, **plateau)
     params1 = trainable(model)
     results["alter_stage1"] = _result(model, data, record, {"stage 1": params1})
     model.save_pretrained(run_dir / "stage1_best")
-    if not {"alter_two_stage", "alter_no_task_ids"} & set(args.methods):
+    if not {"alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
         return results
     return _stage2(args, data, model, train_set, seed, run_dir, results)
 
@@ -470,6 +490,8 @@ def _stage2(args, data, model, train_set, seed, run_dir, results):
     results["alter_two_stage"] = _result(model, data, two_stage, params)
     if "alter_no_task_ids" in args.methods:
         results["alter_no_task_ids"] = _result(model, data, two_stage, params, "none")
+    if "alter_gate_only" in args.methods:
+        results["alter_gate_only"] = _result(model, data, two_stage, params, "gate")
     return results
 
 
@@ -510,8 +532,9 @@ def summarize(per_seed: dict, task_names, metrics) -> dict:
                 summary[method]["vs_reference"] = paired(method, REFERENCE)
     if {"alter_two_stage", "alter_stage1"} <= set(summary):
         summary["alter_two_stage"]["stage2_gain"] = paired("alter_two_stage", "alter_stage1")
-    if {"alter_two_stage", "alter_no_task_ids"} <= set(summary):
-        summary["alter_no_task_ids"]["vs_task_ids"] = paired("alter_no_task_ids", "alter_two_stage")
+    for method in ("alter_no_task_ids", "alter_gate_only"):
+        if {"alter_two_stage", method} <= set(summary):
+            summary[method]["vs_task_ids"] = paired(method, "alter_two_stage")
     return summary
 
 
@@ -543,14 +566,14 @@ def render_table(summary, per_seed, task_names, metrics, batch_size) -> str:
             cells.append("—")
         cells.append("; ".join(f"{k}: {v:,}" for k, v in result["trainable_parameters"].items()))
         runs = [per_seed[s][method] for s in per_seed]
-        if method in ("alter_two_stage", "alter_no_task_ids"):
+        if method in ("alter_two_stage", "alter_no_task_ids", "alter_gate_only"):
             steps = " / ".join(f"{r['stage1_best_step']}+{r['best_step']} ({r['stage1_steps_trained']}+"
                                f"{r['steps_trained']})" for r in runs)
         else:
             steps = " / ".join(f"{r['best_step']} ({r['steps_trained']})" for r in runs)
         cells.append(f"{steps} × {batch_size}")
         mean, std = entry["train_seconds"]
-        cells.append("(model above)" if method == "alter_no_task_ids" else f"{mean / 60:.1f} ± {std / 60:.1f} min")
+        cells.append("(two-stage model)" if method in ("alter_no_task_ids", "alter_gate_only") else f"{mean / 60:.1f} ± {std / 60:.1f} min")
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if "stage2_gain" in summary.get("alter_two_stage", {}):
@@ -558,10 +581,12 @@ def render_table(summary, per_seed, task_names, metrics, batch_size) -> str:
         notes.append(f"- Stage 2 over the very stage-1 weights it starts from: {100 * d['mean']:+.2f} ± "
                      f"{100 * d['std']:.2f} points ({d['better']}/{d['seeds']} seeds better; per seed "
                      + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"]) + ").")
-    if "vs_task_ids" in summary.get("alter_no_task_ids", {}):
-        d = summary["alter_no_task_ids"]["vs_task_ids"]
-        notes.append(f"- Without task ids minus with task ids (same model): {100 * d['mean']:+.2f} ± "
-                     f"{100 * d['std']:.2f} points.")
+    for method, how in (("alter_no_task_ids", "routed by the sources' prefixes"),
+                        ("alter_gate_only", "the gate's unknown-task route")):
+        if "vs_task_ids" in summary.get(method, {}):
+            d = summary[method]["vs_task_ids"]
+            notes.append(f"- Without task ids ({how}) minus with task ids, same model: {100 * d['mean']:+.2f} ± "
+                         f"{100 * d['std']:.2f} points.")
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -576,7 +601,7 @@ def plot_curves(per_seed, path, title):
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     for seed_index, (seed, results) in enumerate(per_seed.items()):
         for method, result in results.items():
-            if method == "alter_no_task_ids":
+            if method in ("alter_no_task_ids", "alter_gate_only"):
                 continue
             xs, ys = zip(*result["curve"])
             axis.plot(xs, 100 * np.asarray(ys), color=colors[method], alpha=0.8, linewidth=1.2,

@@ -83,6 +83,8 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
         assert two_stage["stage1_best_step"] == results["alter_stage1"]["best_step"]
         assert two_stage["trainable_parameters"]["stage 2"] < two_stage["trainable_parameters"]["stage 1"]
         assert results["alter_no_task_ids"]["best_step"] == two_stage["best_step"]
+        # without task ids, the sources' "<task>: " prefixes route every example exactly as its task id does
+        assert results["alter_no_task_ids"]["scores"] == two_stage["scores"]
     gain = record["summary"]["alter_two_stage"]["stage2_gain"]
     assert gain["seeds"] == 2 and len(gain["deltas"]) == 2
     assert "Stage 2 over the very stage-1 weights" in (tmp_path / "results.md").read_text()
