@@ -98,12 +98,17 @@ PRESETS = {
     "synthetic": dict(num_train_per_task=1000, num_dev_per_task=100, num_eval_per_task=200, max_source_length=64,
                       max_target_length=32, learning_rate=1e-3, batch_size=32, eval_every=200, patience=3,
                       max_steps=6000),
-    "real": dict(num_train_per_task=2000, num_dev_per_task=100, num_eval_per_task=300, max_source_length=96,
-                 max_target_length=48, learning_rate=5e-4, batch_size=32, eval_every=150, patience=4,
-                 max_steps=6000),
+    "real": dict(num_train_per_task=1000, num_dev_per_task=100, num_eval_per_task=300, max_source_length=64,
+                 max_target_length=32, learning_rate=5e-4, batch_size=16, eval_every=100, patience=3,
+                 max_steps=2500),
 }
-QUICK = dict(num_train_per_task=200, num_dev_per_task=20, num_eval_per_task=30, eval_every=30, patience=2,
-             max_steps=90, seeds=[0, 1], warmup_steps=10)
+QUICK = {
+    "synthetic": dict(num_train_per_task=200, num_dev_per_task=20, num_eval_per_task=30, eval_every=30, patience=2,
+                      max_steps=90, seeds=[0, 1], warmup_steps=10),
+    "real": dict(num_train_per_task=100, num_dev_per_task=10, num_eval_per_task=20, max_source_length=48,
+                 max_target_length=24, batch_size=8, eval_every=20, patience=2, max_steps=60, seeds=[0, 1],
+                 warmup_steps=10),
+}
 
 
 @dataclass
@@ -112,7 +117,7 @@ class ConvergedArguments:
 
     config: str = field(default="synthetic", metadata={"help": "synthetic (from scratch) or real (pretrained)."})
     output_dir: str | None = field(default=None, metadata={"help": "Default: quality_converged_<config>."})
-    quick: bool = field(default=False, metadata={"help": f"Small smoke-test preset (< 5 min): {QUICK}."})
+    quick: bool = field(default=False, metadata={"help": f"Small smoke-test presets (< 5 min): {QUICK}."})
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
                                metadata={"help": f"Among {list(METHODS)}."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds (>= 3)."})
@@ -174,7 +179,7 @@ def parse_arguments(argv=None) -> ConvergedArguments:
     (args,) = HfArgumentParser(ConvergedArguments).parse_args_into_dataclasses(args=argv)
     given = {item[2:].split("=", 1)[0] for item in argv if item.startswith("--")}
     values = asdict(args)
-    for key, value in {**PRESETS[args.config], **(QUICK if args.quick else {})}.items():
+    for key, value in {**PRESETS[args.config], **(QUICK[args.config] if args.quick else {})}.items():
         if key not in given and (values.get(key) is None or args.quick):
             values[key] = value
     values["stage2_eval_every"] = values["stage2_eval_every"] or max(1, values["eval_every"] // 5)
