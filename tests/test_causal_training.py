@@ -1,0 +1,113 @@
+"""Decoder-only ALTER through the same data pipeline, AlterTrainer and StageSwitchCallback as the T5 family."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from training_utils import TRAIN_TASKS, snapshot, stage_sets, tiny_args, tokenizer
+
+from causal_utils import tiny_causal_lm
+from modeling_alter import AlterForCausalLM
+from modeling_alter.data import MultiTaskDataCollator, build_eval_datasets, build_multitask_dataset
+from modeling_alter.synthetic_tasks import make_synthetic_tasks
+from modeling_alter.trainer import AlterTrainer, causal_prompts, mta_module_labels
+
+
+def causal_data(num_train_per_task=16, num_eval_per_task=4):
+    tok = tokenizer()
+    train, evaluation = make_synthetic_tasks(num_train_per_task, num_eval_per_task, seed=0, tasks=TRAIN_TASKS)
+    kwargs = dict(max_source_length=32, max_target_length=32, decoder_only=True)
+    return (build_multitask_dataset(train, tok, TRAIN_TASKS, seed=0, **kwargs),
+            build_eval_datasets(evaluation, tok, TRAIN_TASKS, **kwargs))
+
+
+def causal_model(model_type="qwen2"):
+    model = AlterForCausalLM.from_causal_lm(tiny_causal_lm(model_type), task_names=TRAIN_TASKS, adapter_dim=8,
+                                            num_shared_adapters=1, task_id_drop_rate=0.0)
+    return model.train()
+
+
+def test_decoder_only_examples_are_prompt_plus_answer_with_loss_on_the_answer():
+    tok = tokenizer()
+    data = build_multitask_dataset({"copy": [{"source": "abc", "target": "xy"}]}, tok, TRAIN_TASKS, decoder_only=True,
+                                   prompt_separator=" =")
+    row = data[0]
+    prompt = tok("abc =", add_special_tokens=False)["input_ids"]
+    answer = tok("xy", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["input_ids"] == prompt + answer and row["attention_mask"] == [1] * len(prompt + answer)
+    assert row["labels"] == [-100] * len(prompt) + answer and row["task_ids"] == TRAIN_TASKS.index("copy")
+    truncated = build_multitask_dataset({"copy": [{"source": "abcdef", "target": "uvwxyz"}]}, tok, TRAIN_TASKS,
+                                        decoder_only=True, max_source_length=3, max_target_length=4)[0]
+    assert len(truncated["input_ids"]) == 7 and truncated["labels"][-1] == tok.eos_token_id
+    evaluation = build_eval_datasets({"copy": [{"source": "abc", "target": "xy"}]}, tok, TRAIN_TASKS,
+                                     decoder_only=True)["copy"]
+    assert evaluation[0]["target_text"] == "xy" and evaluation[0]["labels"][-3:] == answer
+
+
+def test_causal_prompts_left_pads_the_prompt_of_each_row():
+    tok = tokenizer()
+    data = build_multitask_dataset({"copy": [{"source": "abcd", "target": "x"}, {"source": "a", "target": "xyz"}]},
+                                   tok, TRAIN_TASKS, decoder_only=True, prompt_separator="", mixing="uniform",
+                                   num_examples=2, seed=1)
+    batch = MultiTaskDataCollator(tok)([data[0], data[1]])  # right padding, as for training
+    inputs, width = causal_prompts(batch, tok.pad_token_id)
+    assert width == max(len(tok(s, add_special_tokens=False)["input_ids"]) for s in ("abcd", "a"))
+    for i in range(2):
+        n = int(inputs["attention_mask"][i].sum())
+        source = tok.decode(inputs["input_ids"][i, width - n:])
+        assert source in ("abcd", "a") and inputs["attention_mask"][i, :width - n].sum() == 0
+    assert torch.equal(inputs["task_ids"], batch["task_ids"]) and "labels" not in inputs
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_two_stage_training_and_per_task_evaluation(tmp_path, model_type):
+    train_set, eval_sets = causal_data()
+    model = causal_model(model_type)
+    stage1, stage2, frozen2 = stage_sets(model)
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path, max_steps=6, stage1_steps=3,
+                                                       generation_max_length=8),
+                           train_dataset=train_set, eval_dataset=eval_sets, processing_class=tokenizer())
+    before = snapshot(model)
+    switch = {}
+
+    class AtSwitch(TrainerCallback):  # the parameters at the end of stage 1
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                switch.update(snapshot(model))
+
+    trainer.add_callback(AtSwitch())
+    trainer.train()
+    after = snapshot(model)
+    assert model.config.stage == 2 and trainer.stage_callback.switch_step == 3
+    # stage 1 moved the backbone and the task adapters; stage 2 only its own set
+    assert not torch.equal(switch["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(switch["model.layers.1.mta.ffn.task_up"], before["model.layers.1.mta.ffn.task_up"])
+    assert all(torch.equal(after[n], switch[n]) for n in frozen2)
+    assert any(not torch.equal(after[n], switch[n]) for n in stage2)
+
+    metrics = trainer.evaluate(max_new_tokens=6)
+    for task in TRAIN_TASKS:
+        assert f"eval_{task}_loss" in metrics and f"eval_{task}_exact_match" in metrics
+    assert "eval_mean_score" in metrics
+    assert mta_module_labels(model) == ["dec0.ffn", "dec1.ffn"]
+    assert trainer.routing_stats.mean_weights().shape[1:] == (2, len(TRAIN_TASKS) + 1)
+
+
+def test_evaluation_generates_from_the_prompt_only(tmp_path):
+    train_set, eval_sets = causal_data()
+    model = causal_model().eval()
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path), train_dataset=train_set, eval_dataset=eval_sets,
+                           processing_class=tokenizer())
+    tok = tokenizer()
+    dataset = eval_sets["copy"].remove_columns("target_text")
+    batch = MultiTaskDataCollator(tok)([dataset[i] for i in range(3)])
+    loss, generated, labels = trainer.prediction_step(model, batch, prediction_loss_only=False, max_new_tokens=5,
+                                                      min_new_tokens=5)
+    assert loss is not None and torch.equal(labels, batch["labels"])
+    assert generated.shape == (3, 5)
+    for i in range(3):  # each row: what generate gives for that row's prompt alone, without the prompt
+        keep = batch["labels"][i] == -100
+        keep &= batch["attention_mask"][i].bool()
+        prompt = batch["input_ids"][i][keep][None]
+        alone = model.generate(input_ids=prompt, task_ids=batch["task_ids"][i:i + 1], max_new_tokens=5,
+                               min_new_tokens=5)
+        assert torch.equal(generated[i], alone[0, prompt.shape[1]:])
