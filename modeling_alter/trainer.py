@@ -268,6 +268,12 @@ def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
     answer = (labels != -100).cumsum(1) > 0
     prompt = mask & ~answer
     lengths = prompt.sum(1)
+    if int(lengths.min()) == 0:
+        row = int(lengths.argmin())
+        raise ValueError(
+            f"Example {row} of the evaluation batch has no prompt token (its first token already has a label): a "
+            "decoder-only model generates from the prompt, so tokenize with build_eval_datasets(..., decoder_only=True)."
+        )
     width = int(lengths.max())
     pad = 0 if pad_token_id is None else int(pad_token_id)
     ids = input_ids.new_full((input_ids.shape[0], width), pad)

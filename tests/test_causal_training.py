@@ -111,3 +111,39 @@ def test_evaluation_generates_from_the_prompt_only(tmp_path):
         alone = model.generate(input_ids=prompt, task_ids=batch["task_ids"][i:i + 1], max_new_tokens=5,
                                min_new_tokens=5)
         assert torch.equal(generated[i], alone[0, prompt.shape[1]:])
+
+
+def test_example_script_trains_a_causal_base_model(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from training_utils import REPO
+
+    base = tmp_path / "tiny-qwen2"
+    tiny_causal_lm("qwen2").save_pretrained(base)
+    tokenizer().save_pretrained(tmp_path / "tokenizer")  # apart: AutoTokenizer would read model_type qwen2 in base
+    real = REPO.parent / "shared" / "data" / "real"
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(REPO / "examples" / "train_two_stage.py"), "--base_model", str(base), "--output_dir", str(out),
+        "--tokenizer_name", str(tmp_path / "tokenizer"),
+        "--train_files", f"sst2={real / 'sst2_train.jsonl'}", f"agnews={real / 'agnews_train.jsonl'}",
+        "--eval_files", f"sst2={real / 'sst2_eval.jsonl'}", f"agnews={real / 'agnews_eval.jsonl'}",
+        "--task_metrics", "sst2=accuracy", "agnews=accuracy", "--max_train_samples", "32",
+        "--max_eval_samples_per_task", "3", "--max_source_length", "48", "--max_target_length", "8",
+        "--max_steps", "4", "--stage1_steps", "2", "--per_device_train_batch_size", "8", "--logging_steps", "2",
+        "--adapter_dim", "8", "--generation_max_length", "8", "--use_cpu", "true",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    assert "Reloaded AlterForCausalLM" in process.stdout and "| sst2 | accuracy |" in process.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "alter_causal" and config["backbone_model_type"] == "qwen2"
+    assert config["stage"] == 2 and config["task_names"] == ["sst2", "agnews"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_alter_causal.AlterForCausalLM"
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["stages"]) == {"1", "2"}
