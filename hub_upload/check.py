@@ -30,6 +30,7 @@ from huggingface_hub import ModelCard
 
 from .card import verify_model_card
 from .errors import FolderCheckError
+from .families import family_of
 from .safety import read_safetensors_header, scan_folder
 
 
@@ -116,8 +117,12 @@ def check_structure(folder, files) -> tuple[list[str], dict | None]:
     if "tokenizer_config.json" in present:
         _read_json(folder, "tokenizer_config.json", problems)
     if config is not None:
-        if config.get("model_type") != "alter":
-            problems.append(f"config.json: model_type is {config.get('model_type')!r}, expected 'alter'")
+        family = family_of(config.get("model_type"))
+        if family is None:
+            problems.append(
+                f"config.json: model_type is {config.get('model_type')!r}, expected 'alter' or 'alter_causal'"
+            )
+        required_auto_classes = ("AutoConfig", family.auto_class if family else REQUIRED_AUTO_CLASSES[1])
         task_names = config.get("task_names")
         if not isinstance(task_names, list) or not task_names or not all(isinstance(t, str) for t in task_names):
             problems.append(f"config.json: task_names {task_names!r} is not a non-empty list of names")
@@ -127,7 +132,7 @@ def check_structure(folder, files) -> tuple[list[str], dict | None]:
                 "config.json: auto_map is missing; save the model with save_pretrained after importing modeling_alter"
             )
             auto_map = {}
-        for auto_class in REQUIRED_AUTO_CLASSES:
+        for auto_class in required_auto_classes:
             reference = auto_map.get(auto_class)
             if not isinstance(reference, str) or "." not in reference:
                 problems.append(f"config.json: auto_map[{auto_class!r}] is {reference!r}, expected 'module.ClassName'")

@@ -62,3 +62,61 @@ def test_pipeline_in_process_routes_by_the_task_ids_kwarg(saved):
                              do_sample=False)[0]["generated_text"] for name in TASKS}
     assert all(text.startswith(PROMPT) for text in texts.values())
     assert len(set(texts.values())) > 1  # the task changes what is generated
+
+
+# ---- hub_upload: prepare, check and push a decoder-only folder -----------------------------------------------------
+
+REPO_ID = "test-org/alter-causal-tiny"
+
+
+@pytest.fixture(scope="module")
+def prepared_causal(saved, tmp_path_factory):
+    from hub_upload.folder import prepare_folder
+
+    _, folder = saved
+    results = {f"eval_{task}_exact_match": 0.5 for task in TASKS}
+    (folder / "all_results.json").write_text(json.dumps(results))
+    return prepare_folder(folder, tmp_path_factory.mktemp("prepared") / "hub", repo_id=REPO_ID,
+                          domain="Synthetic tasks", base_model="Qwen/Qwen2.5-0.5B")
+
+
+def test_prepare_check_and_dry_run_push_a_causal_folder(prepared_causal, capsys, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from hub_upload.__main__ import main
+    from hub_upload.card import card_repo_id
+    from hub_upload.check import check_folder
+
+    path = prepared_causal.path
+    names = {p.name for p in path.iterdir()}
+    assert CODE_FILES <= names and "README.md" in names and "modeling_alter.py" not in names
+    card = (path / "README.md").read_text()
+    data = ModelCard(card).data
+    assert data.pipeline_tag == "text-generation" and data.base_model == "Qwen/Qwen2.5-0.5B"
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}"' in card and "AutoModelForSeq2SeqLM" not in card
+    assert "decoder-only llama LM (2 layers, hidden size 32)" in card
+    assert card_repo_id(card) == REPO_ID
+
+    report = check_folder(path, timeout=300)
+    assert report.load["auto_class"] == "AutoModelForCausalLM" and report.load["loaded_project_modules"] == []
+    assert report.load["parameters"] == prepared_causal.parameters
+
+    monkeypatch.setattr("hub_upload.push.check_folder", lambda folder, **kwargs: report)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "Q" * 34)
+    assert main(["push", str(path), REPO_ID, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "DRY RUN: would upload" in out and "modeling_alter_causal.py" in out
+
+
+def test_check_refuses_a_causal_folder_without_its_auto_class(prepared_causal, tmp_path):
+    import shutil
+
+    from hub_upload.check import check_structure
+
+    folder = tmp_path / "hub"
+    shutil.copytree(prepared_causal.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["auto_map"]["AutoModelForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    problems = check_structure(folder, sorted(p.name for p in folder.iterdir()))[0]
+    assert any("auto_map['AutoModelForCausalLM'] is None" in p for p in problems)
