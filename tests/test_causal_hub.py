@@ -8,7 +8,6 @@ import torch
 from transformers import ByT5Tokenizer, pipeline
 
 from causal_utils import TASKS, tiny_causal_alter
-from hub_upload.check import load_in_clean_python
 from hub_upload.isolated_load import PROMPT
 
 CODE_FILES = {"configuration_alter_causal.py", "configuration_mta.py", "modeling_alter_causal.py", "mta.py"}
@@ -34,9 +33,9 @@ def test_saved_folder_ships_the_causal_code_files(saved):
                                   "AutoModelForCausalLM": "modeling_alter_causal.AlterForCausalLM"}
 
 
-def test_folder_loads_in_a_clean_python_and_runs_in_the_text_generation_pipeline(saved):
-    model, folder = saved
-    report = load_in_clean_python(folder, timeout=300)
+def test_folder_loads_in_a_clean_python_and_runs_in_the_text_generation_pipeline(saved, checked_causal):
+    model, _ = saved
+    report = checked_causal.load  # `load_in_clean_python` of the prepared folder, run by `check_folder`
     assert report["ok"] and report["auto_class"] == "AutoModelForCausalLM"
     assert report["model_class"].startswith("transformers_modules.")
     assert report["model_class"].endswith("modeling_alter_causal.AlterForCausalLM")
@@ -80,12 +79,18 @@ def prepared_causal(saved, tmp_path_factory):
                           domain="Synthetic tasks", base_model="Qwen/Qwen2.5-0.5B")
 
 
-def test_prepare_check_and_dry_run_push_a_causal_folder(prepared_causal, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def checked_causal(prepared_causal):
+    from hub_upload.check import check_folder
+
+    return check_folder(prepared_causal.path, timeout=300)
+
+
+def test_prepare_check_and_dry_run_push_a_causal_folder(prepared_causal, checked_causal, capsys, monkeypatch):
     from huggingface_hub import ModelCard
 
     from hub_upload.__main__ import main
     from hub_upload.card import card_repo_id
-    from hub_upload.check import check_folder
 
     path = prepared_causal.path
     names = {p.name for p in path.iterdir()}
@@ -97,7 +102,7 @@ def test_prepare_check_and_dry_run_push_a_causal_folder(prepared_causal, capsys,
     assert "decoder-only llama LM (2 layers, hidden size 32)" in card
     assert card_repo_id(card) == REPO_ID
 
-    report = check_folder(path, timeout=300)
+    report = checked_causal
     assert report.load["auto_class"] == "AutoModelForCausalLM" and report.load["loaded_project_modules"] == []
     assert report.load["parameters"] == prepared_causal.parameters
 
