@@ -147,3 +147,27 @@ def test_example_script_trains_a_causal_base_model(tmp_path):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_alter_causal.AlterForCausalLM"
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["stages"]) == {"1", "2"}
+
+
+def test_quality_benchmark_runs_with_causal_backbones(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from training_utils import REPO
+
+    command = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--backbone", "causal",
+               "--output_dir", str(tmp_path), "--tasks", "copy", "sentiment", "--num_train_per_task", "20",
+               "--num_eval_per_task", "4", "--max_steps", "3", "--batch_size", "4", "--eval_batch_size", "8",
+               "--d_model", "16", "--d_ff", "32", "--d_kv", "4", "--num_layers", "1", "--num_heads", "2",
+               "--adapter_dim", "2", "--seeds", "0", "--methods", "multitask_t5", "alter_stage1", "alter_two_stage"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["arguments"]["backbone"] == "causal"
+    assert {"multitask_t5", "alter_stage1", "alter_two_stage"} <= set(record["methods"])
+    for entry in record["methods"].values():
+        assert set(entry["per_seed"]["0"]["scores"]) == {"copy", "sentiment"}
+    assert "decoder-only Llama" in (tmp_path / "results.md").read_text()
