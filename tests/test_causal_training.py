@@ -1,5 +1,7 @@
 """Decoder-only ALTER through the same data pipeline, AlterTrainer and StageSwitchCallback as the T5 family."""
 
+import json
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -171,3 +173,28 @@ def test_quality_benchmark_runs_with_causal_backbones(tmp_path):
     for entry in record["methods"].values():
         assert set(entry["per_seed"]["0"]["scores"]) == {"copy", "sentiment"}
     assert "decoder-only Llama" in (tmp_path / "results.md").read_text()
+
+
+def test_resume_in_stage1_and_in_stage2_matches_the_uninterrupted_run(tmp_path):
+    train_set, _ = causal_data()
+
+    def trainer_for(output_dir):
+        model = AlterForCausalLM.from_causal_lm(tiny_causal_lm("llama"), task_names=TRAIN_TASKS, adapter_dim=8,
+                                                num_shared_adapters=1, task_id_drop_rate=0.3)
+        args = tiny_args(output_dir, max_steps=6, stage1_steps=3, save_strategy="steps", save_steps=1,
+                         stage2_warmup_steps=1)
+        return AlterTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer())
+
+    reference = trainer_for(tmp_path / "reference")
+    reference.train()
+    expected = snapshot(reference.alter_model)
+    for step, stage in ((2, 1), (4, 2)):
+        checkpoint = tmp_path / "reference" / f"checkpoint-{step}"
+        assert json.loads((checkpoint / "config.json").read_text())["stage"] == stage
+        resumed = trainer_for(tmp_path / f"resumed{step}")
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.alter_model.config.stage == 2 and resumed.stage_callback.switch_step == 3
+        actual = snapshot(resumed.alter_model)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[n], actual[n]) for n in expected), [n for n in expected
+                                                                            if not torch.equal(expected[n], actual[n])]
