@@ -198,3 +198,36 @@ def test_resume_in_stage1_and_in_stage2_matches_the_uninterrupted_run(tmp_path):
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[n], actual[n]) for n in expected), [n for n in expected
                                                                             if not torch.equal(expected[n], actual[n])]
+
+
+def test_two_processes_match_one_process_for_a_causal_model(tmp_path):
+    import sys
+
+    from test_distributed import COMMON, finish, free_port, scores, start
+    from training_utils import load_weights, run_job
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    process = start(tmp_path / "torchrun", torchrun, "--causal", "true")
+    # One process, two accumulated micro-batches of 4: the same global batch of 8 as 2 processes x 4.
+    single_run = run_job(tmp_path / "single", *COMMON, "--gradient_accumulation_steps", "2", "--causal", "true")
+    assert single_run.returncode == 0, single_run.stdout[-2000:] + single_run.stderr[-4000:]
+    finish(process)
+
+    single = load_weights(tmp_path / "single" / "final_rank0.safetensors")
+    single_result = json.loads((tmp_path / "single" / "job_result.json").read_text())
+    result = json.loads((tmp_path / "torchrun" / "job_result.json").read_text())
+    assert result["world_size"] == 2 and result["switch_step"] == 4 and result["global_step"] == 8
+    for key in ("stage1_metrics", "final_metrics"):  # distributed per-task evaluation: same generations and scores
+        assert scores(result[key]) == scores(single_result[key]) and len(scores(result[key])) == 4
+    tasks = result["routing"]["tasks"]
+    assert {task: stats["num_examples"] for task, stats in tasks.items()} == {"sentiment": 5, "copy": 5, "reverse": 5}
+    ranks = [load_weights(tmp_path / "torchrun" / f"final_rank{rank}.safetensors") for rank in (0, 1)]
+    switch = load_weights(tmp_path / "torchrun" / "switch_rank0.safetensors")
+    stage2 = causal_model().trainable_parameter_names(2)
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ in {name}"
+        torch.testing.assert_close(ranks[0][name], single[name], rtol=0, atol=1e-5)
+        if name not in stage2:  # frozen in stage 2: bit-identical to the end of stage 1
+            assert torch.equal(ranks[0][name], switch[name]), name
+    assert all(not torch.equal(ranks[0][name], switch[name]) for name in stage2), "stage 2 did not train"
