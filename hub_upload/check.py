@@ -3,7 +3,8 @@
 In order, each step stopping the check with every problem it found:
 
 1. `safety.scan_folder`: allow-list, pickles, credentials, links, local paths (`UnsafeFolderError`).
-2. Structure: `config.json` (model_type `alter`, `auto_map` for `AutoConfig` and `AutoModelForSeq2SeqLM`, its code
+2. Structure: `config.json` (model_type `alter` with `auto_map` for `AutoConfig` and `AutoModelForSeq2SeqLM`, or
+   `alter_causal` with `AutoConfig` and `AutoModelForCausalLM` (see `families.py`), its code
    files present and importing only the standard library, `torch`, `transformers` and each other), safetensors
    weights (one file, or shards that match their index), `generation_config.json`, `tokenizer_config.json`, and the
    card (`card.verify_model_card`).
