@@ -141,7 +141,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing):
         model = tiny_causal_alter(stage=1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
             assert model.model.gradient_checkpointing
         batch = left_padded_batch()
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -158,7 +159,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 DECODING = {
     "greedy": dict(do_sample=False),
-    "beam": dict(num_beams=3, do_sample=False),
     "beam_multi": dict(num_beams=3, num_return_sequences=2, do_sample=False),
 }
 

@@ -60,7 +60,7 @@ def test_causal_prompts_left_pads_the_prompt_of_each_row():
     assert torch.equal(inputs["task_ids"], batch["task_ids"]) and "labels" not in inputs
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("model_type", ["qwen2"])  # Llama trains in the resume test
 def test_two_stage_training_and_per_task_evaluation(tmp_path, model_type):
     train_set, eval_sets = causal_data()
     model = causal_model(model_type)
@@ -163,13 +163,13 @@ def test_quality_benchmark_runs_with_causal_backbones(tmp_path):
                "--output_dir", str(tmp_path), "--tasks", "copy", "sentiment", "--num_train_per_task", "20",
                "--num_eval_per_task", "4", "--max_steps", "3", "--batch_size", "4", "--eval_batch_size", "8",
                "--d_model", "16", "--d_ff", "32", "--d_kv", "4", "--num_layers", "1", "--num_heads", "2",
-               "--adapter_dim", "2", "--seeds", "0", "--methods", "multitask_t5", "alter_stage1", "alter_two_stage"]
+               "--adapter_dim", "2", "--seeds", "0", "--methods", "multitask_t5", "alter_two_stage"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["arguments"]["backbone"] == "causal"
-    assert {"multitask_t5", "alter_stage1", "alter_two_stage"} <= set(record["methods"])
+    assert {"multitask_t5", "alter_two_stage"} <= set(record["methods"])
     for entry in record["methods"].values():
         assert set(entry["per_seed"]["0"]["scores"]) == {"copy", "sentiment"}
     assert "decoder-only Llama" in (tmp_path / "results.md").read_text()
