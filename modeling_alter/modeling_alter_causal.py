@@ -42,6 +42,8 @@ LAYER_SUBLAYERS = {"self_attn", "mlp", "input_layernorm", "post_attention_layern
 # Transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# Releases before 5.24 index the mask and the cache by `cache_position` (the absolute positions of the new tokens).
+_USES_CACHE_POSITION = "cache_position" in inspect.signature(create_causal_mask).parameters
 
 
 @dataclass
@@ -201,9 +203,11 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
+        if _USES_CACHE_POSITION:
+            kwargs.setdefault("cache_position", torch.arange(past, past + length, device=inputs_embeds.device))
 
         token_mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -220,6 +224,8 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         else:
             mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                            _MASK_CACHE_ARG: cache, "position_ids": position_ids}
+            if _USES_CACHE_POSITION:
+                mask_kwargs["cache_position"] = kwargs["cache_position"]
             layer_types = {layer.attention_type for layer in self.layers}
             masks = {}
             if "full_attention" in layer_types:
@@ -402,11 +408,13 @@ class AlterForCausalLM(AlterCausalPreTrainedModel, GenerationMixin):
         num_items_in_batch (`int`, *optional*):
             Passed by `Trainer`: number of label tokens in the whole accumulated batch, so the loss is a sum divided
             by it and gradient accumulation keeps the same loss scale.
-        kwargs: attention keyword arguments of Transformers (e.g. flash-attention's), passed to the attention.
+        kwargs: attention keyword arguments of Transformers (e.g. flash-attention's), passed to the attention; and
+            `cache_position` on Transformers < 5.24 (computed from the cache when not given).
 
         Returns an [`AlterCausalLMOutput`] with `logits` `(batch_size, length or logits_to_keep, vocab_size)`.
         """
-        kwargs.pop("cache_position", None)  # passed by `generate()` of older releases; positions follow the cache
+        if not _USES_CACHE_POSITION:  # passed by `generate()` of older releases; 5.24 needs none
+            kwargs.pop("cache_position", None)
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
