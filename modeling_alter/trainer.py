@@ -371,6 +371,11 @@ class AlterTrainer(Seq2SeqTrainer):
             raise ValueError(
                 f"AlterTrainer trains an AlterForConditionalGeneration or AlterForCausalLM, got {type(model).__name__}."
             )
+        if not model.config.is_encoder_decoder and args.label_smoothing_factor > 0:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} is not supported for a decoder-only ALTER model "
+                "(Trainer's label smoother would not shift its labels); use 0."
+            )
         if optimizers is not None and any(o is not None for o in optimizers):
             raise ValueError(
                 "AlterTrainer does not accept `optimizers`: it builds a new optimizer and schedule for each stage. "

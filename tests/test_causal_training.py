@@ -231,3 +231,17 @@ def test_two_processes_match_one_process_for_a_causal_model(tmp_path):
         if name not in stage2:  # frozen in stage 2: bit-identical to the end of stage 1
             assert torch.equal(ranks[0][name], switch[name]), name
     assert all(not torch.equal(ranks[0][name], switch[name]) for name in stage2), "stage 2 did not train"
+
+
+def test_chat_template_prompts_and_unsupported_label_smoothing(tmp_path):
+    tok = tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    row = build_multitask_dataset({"copy": [{"source": "abc", "target": "xy"}]}, tok, TRAIN_TASKS, decoder_only=True,
+                                  chat_template=True)[0]
+    prompt = tok("<user>abc<assistant>", add_special_tokens=False)["input_ids"]
+    assert row["input_ids"][:len(prompt)] == prompt and row["labels"][:len(prompt)] == [-100] * len(prompt)
+    assert tok.decode(row["labels"][len(prompt):], skip_special_tokens=True) == "xy"
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1"):
+        AlterTrainer(model=causal_model(), args=tiny_args(tmp_path, label_smoothing_factor=0.1),
+                     processing_class=tok)
