@@ -1,4 +1,5 @@
-"""ALTER: Mixture-of-Task-Adapters for small encoder-decoder multi-task learners.
+"""ALTER: Mixture-of-Task-Adapters for small multi-task learners: T5-family encoder-decoders
+(`AlterForConditionalGeneration`) and Llama-family decoder-only LMs (`AlterForCausalLM`).
 
 The model classes import only torch and transformers; the training side (trainer, callback, data, metrics) is
 imported on first use, so the model runs wherever the Hub files run.
