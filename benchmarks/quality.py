@@ -29,6 +29,7 @@ Examples (from the repository root):
 ```bash
 python benchmarks/quality.py                       # embedded synthetic benchmark, 3 seeds (< 60 min on 2 CPU cores)
 python benchmarks/quality.py --quick               # < 5 min
+python benchmarks/quality.py --quick --backbone causal   # the same methods on Llama-shaped decoder-only backbones
 python benchmarks/quality.py --tasks_dir ../shared/data/real --task_metrics sst2=accuracy agnews=accuracy --quick
 python benchmarks/quality.py --train_files sst2=a.jsonl agnews=b.jsonl --eval_files sst2=c.jsonl agnews=d.jsonl
 ```
@@ -64,7 +65,13 @@ from transformers import (
 # Make `modeling_alter` importable when the script is run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_alter import AlterConfig, AlterForConditionalGeneration, AlterMTA  # noqa: E402
+from modeling_alter import (  # noqa: E402
+    AlterCausalConfig,
+    AlterConfig,
+    AlterForCausalLM,
+    AlterForConditionalGeneration,
+    AlterMTA,
+)
 from modeling_alter.data import (  # noqa: E402
     MultiTaskDataCollator,
     build_eval_datasets,
@@ -149,6 +156,11 @@ class BenchmarkArguments:
         default=True, metadata={"help": "Give ALTER methods the same '<task>: ' prefixed sources as the baselines."}
     )
     # ---- backbone (identical for every method)
+    backbone: str = field(
+        default="t5",
+        metadata={"help": "t5: T5 encoder-decoders (AlterForConditionalGeneration); causal: Llama-shaped decoder-only "
+                  "LMs of the same width (AlterForCausalLM; sources become prompts, loss on the answer)."},
+    )
     d_model: int = field(default=128, metadata={"help": "Backbone width."})
     d_ff: int = field(default=256, metadata={"help": "Backbone feed-forward width."})
     d_kv: int = field(default=32, metadata={"help": "Attention head size."})
@@ -182,6 +194,8 @@ class BenchmarkArguments:
     progress_bars: bool = field(default=False, metadata={"help": "Show the Trainer's progress bars."})
 
     def __post_init__(self):
+        if self.backbone not in ("t5", "causal"):
+            raise ValueError(f"--backbone {self.backbone!r} is not valid: expected 't5' or 'causal'.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; expected a subset of {list(METHODS)}.")
@@ -322,6 +336,8 @@ class BenchmarkData:
         sizes = {name: len(rows) for name, rows in raw_train.items()}
         self.rates = mixing_rates(sizes, args.mixing)
         lengths = dict(max_source_length=args.max_source_length, max_target_length=args.max_target_length)
+        if args.backbone == "causal":
+            lengths["decoder_only"] = True
         self.lengths = lengths
         self.eval_prefixed = build_eval_datasets(self.prefixed_eval, tokenizer, self.task_names, **lengths)
         self.eval_alter = build_eval_datasets(self.alter_eval, tokenizer, self.task_names, **lengths)
@@ -360,14 +376,35 @@ def backbone_kwargs(args: BenchmarkArguments) -> dict:
     )
 
 
-def new_t5(args: BenchmarkArguments, seed: int) -> T5ForConditionalGeneration:
+def causal_backbone_kwargs(args: BenchmarkArguments) -> dict:
+    """The Llama-shaped decoder-only backbone of `--backbone causal`: as wide as the T5 one, `num_layers` layers."""
+    return dict(vocab_size=384, hidden_size=args.d_model, intermediate_size=args.d_ff, head_dim=args.d_kv,
+                num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+                num_key_value_heads=args.num_heads, max_position_embeddings=512, pad_token_id=0, bos_token_id=None,
+                eos_token_id=1, tie_word_embeddings=False)
+
+
+def new_t5(args: BenchmarkArguments, seed: int):
+    """A fresh plain backbone: `T5ForConditionalGeneration`, or `LlamaForCausalLM` with `--backbone causal`."""
     set_seed(seed)
+    if args.backbone == "causal":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**causal_backbone_kwargs(args)))
+        model.generation_config.pad_token_id = 0
+        return model
     model = T5ForConditionalGeneration(T5Config(**backbone_kwargs(args)))
     model.generation_config.decoder_start_token_id = 0
     return model
 
 
-def alter_config(args: BenchmarkArguments, task_names, adapter_dim, num_shared_adapters) -> AlterConfig:
+def alter_config(args: BenchmarkArguments, task_names, adapter_dim, num_shared_adapters):
+    if args.backbone == "causal":
+        return AlterCausalConfig(
+            task_names=list(task_names), adapter_dim=adapter_dim, num_shared_adapters=num_shared_adapters,
+            router_top_k=args.router_top_k, task_id_drop_rate=args.task_id_drop_rate, backbone_model_type="llama",
+            **causal_backbone_kwargs(args),
+        )
     return AlterConfig(
         task_names=list(task_names),
         adapter_dim=adapter_dim,
@@ -380,9 +417,16 @@ def alter_config(args: BenchmarkArguments, task_names, adapter_dim, num_shared_a
     )
 
 
-def new_alter(config: AlterConfig, seed: int) -> AlterForConditionalGeneration:
+def alter_class(config):
+    return AlterForCausalLM if isinstance(config, AlterCausalConfig) else AlterForConditionalGeneration
+
+
+def new_alter(config, seed: int):
     set_seed(seed)
-    return AlterForConditionalGeneration(copy.deepcopy(config))
+    model = alter_class(config)(copy.deepcopy(config))
+    if isinstance(config, AlterCausalConfig):
+        model.generation_config.pad_token_id = 0
+    return model
 
 
 def count(parameters) -> int:
@@ -391,7 +435,7 @@ def count(parameters) -> int:
 
 def mta_extra_parameters(config: AlterConfig) -> int:
     """Parameters that the MTA modules add to the backbone."""
-    model = AlterForConditionalGeneration(config)
+    model = alter_class(config)(config)
     return sum(count(m.parameters()) for m in model.mta_modules().values())
 
 
@@ -455,6 +499,28 @@ def evaluate_with_predict(trainer, eval_sets, data: BenchmarkData, tasks=None) -
     for task in tasks or eval_sets:
         output = trainer.predict(eval_sets[task], metric_key_prefix=f"test_{task}")
         predictions = _decode(data.tokenizer, output.predictions)
+        scores[task] = compute_metric(data.metrics[task], predictions, data.references[task])
+    return scores
+
+
+def evaluate_plain_causal(model, eval_sets, data: BenchmarkData, tasks=None) -> dict[str, float]:
+    """`--backbone causal` plain baselines: greedy generation from each example's prompt (its tokens with label
+    -100), the prompt stripped, scored with the task's metric."""
+    from modeling_alter.trainer import causal_prompts
+
+    collator = MultiTaskDataCollator(data.tokenizer)
+    model.eval()
+    scores = {}
+    for task in tasks or eval_sets:
+        dataset = eval_sets[task].remove_columns([c for c in ("target_text", "task_ids") if c in eval_sets[task].column_names])
+        predictions = []
+        for start in range(0, len(dataset), data.args.eval_batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + data.args.eval_batch_size, len(dataset)))])
+            inputs, width = causal_prompts(batch, data.tokenizer.pad_token_id)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=data.generation_max_length, do_sample=False,
+                                     num_beams=1, pad_token_id=data.tokenizer.pad_token_id)
+            predictions += _decode(data.tokenizer, out[:, width:])
         scores[task] = compute_metric(data.metrics[task], predictions, data.references[task])
     return scores
 
@@ -537,7 +603,10 @@ def run_seed(args: BenchmarkArguments, data: BenchmarkData, seed: int, methods) 
         trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=train_set, data_collator=collator,
                                  processing_class=tokenizer)
         _, train_seconds = _timed(trainer.train)
-        scores, eval_seconds = _timed(lambda: evaluate_with_predict(trainer, plain, data, eval_tasks))
+        if args.backbone == "causal":  # Seq2SeqTrainer.predict would generate from prompt + answer
+            scores, eval_seconds = _timed(lambda: evaluate_plain_causal(model, plain, data, eval_tasks))
+        else:
+            scores, eval_seconds = _timed(lambda: evaluate_with_predict(trainer, plain, data, eval_tasks))
         return scores, train_seconds, eval_seconds
 
     if "single_task" in methods:
@@ -570,7 +639,7 @@ def run_seed(args: BenchmarkArguments, data: BenchmarkData, seed: int, methods) 
 
     config = alter_config(args, names, args.adapter_dim, args.num_shared_adapters)
     alter_extra = mta_extra_parameters(config)
-    num_modules = len(AlterForConditionalGeneration(config).mta_modules())
+    num_modules = len(alter_class(config)(config).mta_modules())
 
     if "shared_adapter" in methods:
         adapter_dim = matched_shared_adapter_dim(args, alter_extra, num_modules)
@@ -776,8 +845,11 @@ def _describe_setup(args: BenchmarkArguments, data: BenchmarkData, alter_extra: 
     lines = [
         f"- Tasks ({source}): " + ", ".join(f"{t} ({data.metrics[t]})" for t in data.task_names),
         (
-            f"- Backbone (every method): T5 d_model={args.d_model}, d_ff={args.d_ff}, {args.num_layers}+"
-            f"{args.num_layers} layers, {args.num_heads} heads, ByT5 byte tokenizer, trained from scratch; ALTER adds "
+            (f"- Backbone (every method): T5 d_model={args.d_model}, d_ff={args.d_ff}, {args.num_layers}+"
+             f"{args.num_layers} layers" if args.backbone == "t5" else
+             f"- Backbone (every method): decoder-only Llama hidden={args.d_model}, intermediate={args.d_ff}, "
+             f"{args.num_layers} layers")
+            + f", {args.num_heads} heads, ByT5 byte tokenizer, trained from scratch; ALTER adds "
             f"r={args.adapter_dim}, S={args.num_shared_adapters} ({alter_extra:,} extra parameters); the shared "
             f"adapter of 3 has r={shared_dim}."
         ),
@@ -808,7 +880,7 @@ def main(argv=None):
     data = BenchmarkData(args, tokenizer)
     config = alter_config(args, data.task_names, args.adapter_dim, args.num_shared_adapters)
     alter_extra = mta_extra_parameters(config)
-    num_modules = len(AlterForConditionalGeneration(config).mta_modules())
+    num_modules = len(alter_class(config)(config).mta_modules())
     shared_dim = matched_shared_adapter_dim(args, alter_extra, num_modules)
 
     per_seed = {}

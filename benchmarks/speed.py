@@ -1,4 +1,6 @@
-"""Speed and memory of ALTER's Mixture-of-Task-Adapters against plain T5 and PEFT peers (issue 5).
+"""Speed and memory of ALTER's Mixture-of-Task-Adapters against plain T5 and PEFT peers (issue 5), and of the
+decoder-only `AlterForCausalLM` against the plain Llama-shaped LM it was converted from (issue 12, section `causal`:
+a SmolLM2-135M shape, 30 layers; 8 of them with --quick).
 
     python benchmarks/speed.py            # full run, < 25 min on a 2-core CPU
     python benchmarks/speed.py --quick    # < 3 min: fewer tokens, repetitions and task counts
@@ -54,7 +56,13 @@ TARGETS = {
     "gen_s1_one": ("<=", 1.03), "gen_s1_mixed": ("<=", 1.06), "gen_s2_dense": ("<=", 1.10), "gen_s2_top2": ("<=", 1.06),
     "train_s1": ("<=", 1.08), "train_s2_dense": ("<=", 0.85), "train_s2_top2": ("<=", 0.85), "mem_s2_dense": ("<=", 0.70),
     "mem_s2_top2": ("<=", 0.70),
+    # decoder-only (issue 12): ALTER on a Llama-shaped LM against the plain LM of the same shape
+    "causal_gen_s1": ("<=", 1.03), "causal_gen_s2_topk": ("<=", 1.10), "causal_train_s2": ("<=", 0.85),
 }
+# A SmolLM2-135M-shaped Llama (random weights); --quick keeps 8 of its 30 layers.
+CAUSAL_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+                    pad_token_id=0, eos_token_id=1)
 
 
 # ---- models ---------------------------------------------------------------------------------------------------------
@@ -408,6 +416,97 @@ def train_section(args, t5, log):
     return results
 
 
+def make_causal_plain(args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(CAUSAL_SHAPE, num_hidden_layers=8 if args.quick else CAUSAL_SHAPE["num_hidden_layers"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **shape), attn_implementation="sdpa")
+    return model.to(device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32).eval()
+
+
+def make_causal_alter(plain, stage, top_k=None, num_tasks=8):
+    """`AlterForCausalLM.from_causal_lm(plain)` with adapters, gate and gate mix as after training (all non-zero)."""
+    from modeling_alter import AlterForCausalLM
+
+    model = AlterForCausalLM.from_causal_lm(plain, task_names=[f"task{i}" for i in range(num_tasks)],
+                                            adapter_dim=ADAPTER_DIM, num_shared_adapters=SHARED, router_top_k=top_k)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mta in model.mta_modules().values():
+            mta.task_up.normal_(0, 0.02)
+            mta.shared_up.normal_(0, 0.02)
+            mta.router.weight.normal_(0, 0.02)
+            mta.task_embedding.weight.normal_(0, 1.0)
+            mta.gate_mix.fill_(0.5)
+    model.set_stage(stage)
+    return model.to(plain.device).eval()
+
+
+def causal_flop_ratio(config, kind, tokens_in_context, train=False, num_tasks=8, top_k=2):
+    """Analytic FLOP ratio of ALTER (FFN-placed MTA) to the plain LM, per token: projections, MLP, attention scores
+    over `tokens_in_context`, LM head. A training step is forward + backward: 3x the forward for full fine-tuning,
+    2x for a frozen backbone (activation gradients only) plus 3x the adapters'."""
+    d, ff, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    layer = 2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * ff + 4 * tokens_in_context * d
+    backbone = L * layer + 2 * d * V
+    n = num_tasks + SHARED
+    per_adapter = 4 * d * ADAPTER_DIM
+    adapters = {"s1": 1, "s2_dense": n, "s2_topk": top_k + 1}[kind] * per_adapter * L
+    if kind != "s1":
+        adapters += 2 * d * n * L  # the router
+    if not train:
+        return (backbone + adapters) / backbone
+    if kind == "s1":
+        return (3 * backbone + 3 * adapters) / (3 * backbone)
+    return (2 * backbone + 3 * adapters) / (3 * backbone)
+
+
+def causal_section(args, log):
+    """Decoder-only rows: ALTER (`AlterForCausalLM`, MTA on every MLP) against the plain Llama of the same shape."""
+    plain = make_causal_plain(args)
+    prompt = 64
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, CAUSAL_SHAPE["vocab_size"], (8, prompt), generator=g).to(args.device)
+    mask = torch.ones_like(ids)
+    one, mixed = torch.zeros(8, dtype=torch.long, device=args.device), torch.arange(8, device=args.device)
+    models = {"plain": (plain, {}), "s1_one": (make_causal_alter(plain, 1), {"task_ids": one})}
+    models["s1_mixed"] = (models["s1_one"][0], {"task_ids": mixed})
+    models["s2_dense"] = (make_causal_alter(plain, 2), {"task_ids": mixed})
+    models["s2_topk"] = (make_causal_alter(plain, 2, top_k=2), {"task_ids": mixed})
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    fns = {name: (lambda m=m, e=e: m.generate(input_ids=ids, attention_mask=mask, **kwargs, **e))
+           for name, (m, e) in models.items()}
+    log(f"causal generate: {', '.join(fns)}")
+    with torch.no_grad():
+        times = interleaved(fns, args.reps, args.clock_fn, log=log)
+    results = {}
+    context = prompt + args.new_tokens // 2
+    for name in fns:
+        kind = "s1" if name.startswith("s1") else name
+        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, kind, context)
+        results[f"causal_gen_{name}"] = dict(
+            ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
+            median_ms=1e3 * statistics.median(times[name]), rounds_ms=[1e3 * t for t in times[name]])
+
+    labels = torch.randint(2, CAUSAL_SHAPE["vocab_size"], (8, args.train_src), generator=g).to(args.device)
+    batch = dict(input_ids=labels, attention_mask=torch.ones_like(labels), labels=labels)
+    train = {"plain": (copy.deepcopy(plain), {}), "s1": (make_causal_alter(plain, 1), {"task_ids": mixed}),
+             "s2_dense": (make_causal_alter(plain, 2), {"task_ids": mixed}),
+             "s2_topk": (make_causal_alter(plain, 2, top_k=2), {"task_ids": mixed})}
+    fns = {name: train_step_fn(m, batch, e) for name, (m, e) in train.items()}
+    log(f"causal train step: {', '.join(fns)}")
+    times = interleaved(fns, args.train_reps, args.clock_fn, log=log)
+    for name in fns:
+        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, name, args.train_src // 2, train=True)
+        results[f"causal_train_{name}"] = dict(
+            ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
+            trainable=sum(p.numel() for p in train[name][0].parameters() if p.requires_grad),
+            median_ms=1e3 * statistics.median(times[name]), rounds_ms=[1e3 * t for t in times[name]])
+    return results
+
+
 def rss_bytes(field):
     with open("/proc/self/status") as status:
         for line in status:
@@ -572,6 +671,15 @@ ROWS = [
     ("mem_s2_top2", "peak memory, train step: stage 2 top-2", "mem_s2_top2"),
     ("mem_poly", "peak memory, train step: PEFT Poly", None),
     ("mem_lora", "peak memory, train step: PEFT LoRA", None),
+    ("causal_gen_s1_one", "decoder-only (Llama shape) generate greedy: stage 1, one-task batch", "causal_gen_s1"),
+    ("causal_gen_s1_mixed", "decoder-only generate greedy: stage 1, 8 tasks mixed", None),
+    ("causal_gen_s2_dense", "decoder-only generate greedy: stage 2 dense, 8 tasks mixed", None),
+    ("causal_gen_s2_topk", "decoder-only generate greedy: stage 2 top-2, 8 tasks mixed", "causal_gen_s2_topk"),
+    ("causal_train_s1", "decoder-only train step: stage 1 (backbone + task adapters) vs full fine-tuning", None),
+    ("causal_train_s2_dense", "decoder-only train step: stage 2 dense (frozen backbone) vs full fine-tuning",
+     "causal_train_s2"),
+    ("causal_train_s2_topk", "decoder-only train step: stage 2 top-2 (frozen backbone) vs full fine-tuning",
+     "causal_train_s2"),
 ]
 
 
@@ -648,7 +756,8 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu on CPU, wall on CUDA")
     parser.add_argument("--reps", type=int, default=None, help="interleaved rounds per figure (default 5; quick 3)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--sections", default="generate,train,memory,scaling")
+    parser.add_argument("--sections", default="generate,train,memory,scaling,causal",
+                        help="comma-separated among generate,train,memory,scaling,causal")
     parser.add_argument("--skip-peers", default="", help="comma-separated among poly,mhr,lora,xlora")
     parser.add_argument("--task-counts", default=None,
                         help="comma-separated numbers of tasks of the scaling section (default 2,8,32,128; quick 2,32)")
@@ -697,6 +806,8 @@ def main(argv=None):
         results.update(memory_section(args, log))
     if "scaling" in args.sections:
         scaling = scaling_section(args, t5, log)
+    if "causal" in args.sections:
+        results.update(causal_section(args, log))
     run = dict(
         results=results, errors=errors, scaling=scaling,
         setup=dict(device=args.device, dtype=str(dtype), threads=args.threads, clock=args.clock, rounds=args.reps,

@@ -10,7 +10,8 @@ trust_remote_code=True)` and prints one generation per task:
 
     python examples/train_two_stage.py
 
-On your own data, from a T5 / Flan-T5 checkpoint (a local folder or a Hub id), with JSON Lines / JSON / CSV files of
+On your own data, from a T5 / Flan-T5 checkpoint or a Llama-family decoder-only LM (Llama, Qwen2, Qwen3, Mistral;
+the model class is picked from the checkpoint's config), a local folder or a Hub id, with JSON Lines / JSON / CSV files of
 `source`/`target` pairs, one file per task:
 
     python examples/train_two_stage.py \\
@@ -36,12 +37,22 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, ByT5Tokenizer, HfArgumentParser, TrainerCallback, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    HfArgumentParser,
+    TrainerCallback,
+    set_seed,
+)
 
 # Make `modeling_alter` importable when the script is run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_alter import AlterConfig, AlterForConditionalGeneration  # noqa: E402
+from modeling_alter import AlterConfig, AlterForCausalLM, AlterForConditionalGeneration  # noqa: E402
+from modeling_alter.configuration_alter_causal import SUPPORTED_BACKBONES as CAUSAL_BACKBONES  # noqa: E402
 from modeling_alter.data import (  # noqa: E402
     MIXING_STRATEGIES,
     build_eval_datasets,
@@ -95,7 +106,8 @@ class ModelArguments:
 
     base_model: str | None = field(
         default=None,
-        metadata={"help": "T5 / Flan-T5 checkpoint (folder or Hub id) to convert with from_t5. Default: a small ALTER "
+        metadata={"help": "T5 / Flan-T5 checkpoint (folder or Hub id) to convert with from_t5, or a Llama / Qwen2 / "
+                  "Qwen3 / Mistral causal LM to convert with AlterForCausalLM.from_causal_lm. Default: a small ALTER "
                   "from scratch with a byte-level tokenizer."},
     )
     tokenizer_name: str | None = field(
@@ -288,7 +300,15 @@ def build_model_and_tokenizer(model_args: ModelArguments, task_names: list[str])
     }
     if model_args.base_model is not None:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.base_model)
-        model = AlterForConditionalGeneration.from_t5(model_args.base_model, task_names=task_names, **mta_kwargs)
+        # The family comes from the checkpoint's config: a Llama-family decoder-only LM, or a T5-family model.
+        if AutoConfig.from_pretrained(model_args.base_model).model_type in CAUSAL_BACKBONES:
+            if tokenizer.pad_token_id is None:  # most decoder-only tokenizers have no pad token
+                tokenizer.pad_token = tokenizer.eos_token
+            model = AlterForCausalLM.from_causal_lm(model_args.base_model, task_names=task_names, **mta_kwargs)
+            if model.generation_config.pad_token_id is None:
+                model.generation_config.pad_token_id = tokenizer.pad_token_id
+        else:
+            model = AlterForConditionalGeneration.from_t5(model_args.base_model, task_names=task_names, **mta_kwargs)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name) if model_args.tokenizer_name else ByT5Tokenizer()
     config = AlterConfig(
@@ -339,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_specs, eval_specs, task_metrics = load_data(data_args)
     task_names = list(train_specs)
     model, tokenizer = build_model_and_tokenizer(model_args, task_names)
+    decoder_only = not model.config.is_encoder_decoder  # prompt + answer examples, loss on the answer
     logger.info(
         f"ALTER model: {model.num_parameters():,} parameters, tasks {task_names}, "
         f"{'from ' + model_args.base_model if model_args.base_model else 'from scratch'}."
@@ -358,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_target_length=data_args.max_target_length,
             source_column=data_args.source_column,
             target_column=data_args.target_column,
+            decoder_only=decoder_only,
         )
         eval_datasets = None
         if eval_specs:
@@ -370,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
                 max_target_length=data_args.max_target_length,
                 source_column=data_args.source_column,
                 target_column=data_args.target_column,
+                decoder_only=decoder_only,
             )
     evaluated_metrics = {task: task_metrics[task] for task in (eval_datasets or {})}
 
@@ -419,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
 
-        reloaded = AutoModelForSeq2SeqLM.from_pretrained(output_dir, trust_remote_code=True).eval()
+        auto_class = AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM
+        reloaded = auto_class.from_pretrained(output_dir, trust_remote_code=True).eval()
         print(f"Reloaded {type(reloaded).__name__} from {output_dir} (trust_remote_code=True). One generation per task:\n")
         print("| task | input | generation | reference |\n|---|---|---|---|")
         samples = eval_specs or train_specs
@@ -429,10 +453,16 @@ def main(argv: list[str] | None = None) -> dict:
             example = load_task_data(
                 samples[task], data_args.source_column, data_args.target_column, task_name=task
             )[0]
-            batch = tokenizer([example["source"]], return_tensors="pt").to(reloaded.device)
-            generated = reloaded.generate(
-                **batch, task_ids=reloaded.task_ids([task]), max_length=training_args.generation_max_length or 64
-            )
+            if decoder_only:  # the training prompt: the source and the default separator; the answer follows it
+                prompt = build_eval_datasets({task: [example]}, tokenizer, task_names, decoder_only=True)[task][0]
+                prompt_ids = [t for t, label in zip(prompt["input_ids"], prompt["labels"]) if label == -100]
+                batch = {"input_ids": torch.tensor([prompt_ids], device=reloaded.device)}
+            else:
+                batch = tokenizer([example["source"]], return_tensors="pt").to(reloaded.device)
+            length = {"max_new_tokens" if decoder_only else "max_length": training_args.generation_max_length or 64}
+            generated = reloaded.generate(**batch, task_ids=reloaded.task_ids([task]), **length)
+            if decoder_only:
+                generated = generated[:, batch["input_ids"].shape[1]:]
             text = tokenizer.decode(generated[0], skip_special_tokens=True)
             cells = [markdown_cell(value) for value in (example["source"], text, example["target"])]
             print(f"| {task} | " + " | ".join(cells) + " |")

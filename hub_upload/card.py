@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .errors import PrepareError
+from .families import family_of
 
 
 REQUIRED_TAGS = ("alter", "mixture-of-task-adapters", "custom_code")
@@ -96,7 +97,7 @@ def build_model_card(
         default_dataset = datasets[0] if len(datasets) == 1 else None
         eval_results = [
             EvalResult(
-                task_type=PIPELINE_TAG,
+                task_type=(family_of(getattr(config, "model_type", "alter")) or family_of("alter")).pipeline_tag,
                 task_name=task,
                 dataset_type=task_datasets.get(task) or default_dataset or task,
                 dataset_name=task,
@@ -108,13 +109,14 @@ def build_model_card(
             for task, metric in results.rows(task_names)
             if (value := results.get(published_stage, task, metric)) is not None
         ]
+    family = family_of(getattr(config, "model_type", "alter")) or family_of("alter")
     card_data = ModelCardData(
         base_model=base_model,
         datasets=list(datasets) or None,
         language=language or None,
         library_name=LIBRARY_NAME,
         license=license,
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=family.pipeline_tag,
         tags=[*REQUIRED_TAGS, tag],
         model_name=repo_id.split("/", 1)[1],
         eval_results=eval_results or None,
@@ -147,6 +149,9 @@ def _card_body(
     task_names = list(config.task_names)
     name = repo_id.split("/", 1)[1]
     example_task = task_names[0]
+    family = family_of(getattr(config, "model_type", "alter")) or family_of("alter")
+    causal = family.auto_class == "AutoModelForCausalLM"
+    code_files = ", ".join(f"`{file}`" for file in family.code_files)
     pin_comment = (
         "  # a branch: replace it with a reviewed commit sha to pin the code you run"
         if not re.fullmatch(r"[0-9a-f]{40}", revision_pin)
@@ -155,9 +160,8 @@ def _card_body(
     lines = [
         f"# {name}",
         "",
-        f"`{name}` is an [ALTER]({PAPER_URL}) multi-task model for the **{domain}** domain: a T5-style "
-        f"encoder-decoder ({config.num_layers} encoder and {config.num_decoder_layers} decoder blocks, "
-        f"d_model {config.d_model}) whose blocks carry a Mixture-of-Task-Adapters: one adapter per task plus "
+        f"`{name}` is an [ALTER]({PAPER_URL}) multi-task model for the **{domain}** domain: "
+        f"{family.architecture(config)} whose blocks carry a Mixture-of-Task-Adapters: one adapter per task plus "
         f"{config.num_shared_adapters} shared adapter(s), bottleneck {config.adapter_dim}. Stage 1 trains each task's "
         "own adapter (task selector); stage 2 trains a token-level gate that mixes all adapters (collaboration). "
         f"This checkpoint is in stage {config.stage}.",
@@ -173,21 +177,26 @@ def _card_body(
         "",
         "## Usage",
         "",
-        "The model code (`configuration_alter.py`, `modeling_alter.py`, `mta.py`) ships in this repository and runs on "
+        f"The model code ({code_files}) ships in this repository and runs on "
         "your machine, hence `trust_remote_code=True`; `revision` pins the version of that code you load.",
         "",
         "```python",
-        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        f"from transformers import {family.auto_class}, AutoTokenizer",
         "",
         f'revision = "{revision_pin}"{pin_comment}',
-        f'model = AutoModelForSeq2SeqLM.from_pretrained("{repo_id}", trust_remote_code=True, revision=revision)',
+        f'model = {family.auto_class}.from_pretrained("{repo_id}", trust_remote_code=True, revision=revision)',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True, revision=revision)',
         "",
-        'batch = tokenizer(["your input text"], return_tensors="pt")',
+        *(['tokenizer.padding_side = "left"  # a decoder-only model continues the prompt',
+           'batch = tokenizer(["your input text\\n"], return_tensors="pt")']
+          if causal else ['batch = tokenizer(["your input text"], return_tensors="pt")']),
         f'task_ids = model.task_ids(["{example_task}"])',
         "outputs = model.generate(**batch, task_ids=task_ids, num_beams=4, max_new_tokens=64)",
-        "print(tokenizer.batch_decode(outputs, skip_special_tokens=True))",
+        *(['print(tokenizer.batch_decode(outputs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))']
+          if causal else ["print(tokenizer.batch_decode(outputs, skip_special_tokens=True))"]),
         "```",
+        *(["", "Or through `pipeline(\"text-generation\", model=..., trust_remote_code=True)`, passing "
+           f"`task_ids=model.task_ids([\"{example_task}\"])` with each single prompt."] if causal else []),
         "",
         "## Evaluation",
         "",
@@ -257,8 +266,11 @@ def verify_model_card(text, folder, config) -> tuple[list[str], list[str]]:
     task_names = list(config.get("task_names") or [])
     if data.library_name != LIBRARY_NAME:
         problems.append(f"README.md metadata: library_name is {data.library_name!r}, expected {LIBRARY_NAME!r}")
-    if data.pipeline_tag != PIPELINE_TAG:
-        problems.append(f"README.md metadata: pipeline_tag is {data.pipeline_tag!r}, expected {PIPELINE_TAG!r}")
+    family = family_of(config.get("model_type")) or family_of("alter")
+    if data.pipeline_tag != family.pipeline_tag:
+        problems.append(
+            f"README.md metadata: pipeline_tag is {data.pipeline_tag!r}, expected {family.pipeline_tag!r}"
+        )
     tags = list(data.tags or [])
     missing = [tag for tag in REQUIRED_TAGS if tag not in tags]
     if missing:
@@ -328,7 +340,7 @@ def verify_model_card(text, folder, config) -> tuple[list[str], list[str]]:
 
 def card_repo_id(text):
     """The repository id the card's usage snippet loads, or None."""
-    match = re.search(r'AutoModelForSeq2SeqLM\.from_pretrained\("([^"]+)"', text)
+    match = re.search(r'AutoModelFor(?:Seq2SeqLM|CausalLM)\.from_pretrained\("([^"]+)"', text)
     return match.group(1) if match else None
 
 

@@ -3,7 +3,8 @@
 In order, each step stopping the check with every problem it found:
 
 1. `safety.scan_folder`: allow-list, pickles, credentials, links, local paths (`UnsafeFolderError`).
-2. Structure: `config.json` (model_type `alter`, `auto_map` for `AutoConfig` and `AutoModelForSeq2SeqLM`, its code
+2. Structure: `config.json` (model_type `alter` with `auto_map` for `AutoConfig` and `AutoModelForSeq2SeqLM`, or
+   `alter_causal` with `AutoConfig` and `AutoModelForCausalLM` (see `families.py`), its code
    files present and importing only the standard library, `torch`, `transformers` and each other), safetensors
    weights (one file, or shards that match their index), `generation_config.json`, `tokenizer_config.json`, and the
    card (`card.verify_model_card`).
@@ -30,6 +31,7 @@ from huggingface_hub import ModelCard
 
 from .card import verify_model_card
 from .errors import FolderCheckError
+from .families import family_of
 from .safety import read_safetensors_header, scan_folder
 
 
@@ -116,8 +118,12 @@ def check_structure(folder, files) -> tuple[list[str], dict | None]:
     if "tokenizer_config.json" in present:
         _read_json(folder, "tokenizer_config.json", problems)
     if config is not None:
-        if config.get("model_type") != "alter":
-            problems.append(f"config.json: model_type is {config.get('model_type')!r}, expected 'alter'")
+        family = family_of(config.get("model_type"))
+        if family is None:
+            problems.append(
+                f"config.json: model_type is {config.get('model_type')!r}, expected 'alter' or 'alter_causal'"
+            )
+        required_auto_classes = ("AutoConfig", family.auto_class if family else REQUIRED_AUTO_CLASSES[1])
         task_names = config.get("task_names")
         if not isinstance(task_names, list) or not task_names or not all(isinstance(t, str) for t in task_names):
             problems.append(f"config.json: task_names {task_names!r} is not a non-empty list of names")
@@ -127,7 +133,7 @@ def check_structure(folder, files) -> tuple[list[str], dict | None]:
                 "config.json: auto_map is missing; save the model with save_pretrained after importing modeling_alter"
             )
             auto_map = {}
-        for auto_class in REQUIRED_AUTO_CLASSES:
+        for auto_class in required_auto_classes:
             reference = auto_map.get(auto_class)
             if not isinstance(reference, str) or "." not in reference:
                 problems.append(f"config.json: auto_map[{auto_class!r}] is {reference!r}, expected 'module.ClassName'")

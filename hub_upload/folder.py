@@ -1,6 +1,8 @@
 """`prepare`: builds the folder that goes to the Hub from a training run's output directory (or a model in memory).
 
-The folder holds exactly: `config.json` (with `auto_map`), `configuration_alter.py`, `modeling_alter.py`, `mta.py`,
+The folder holds exactly: `config.json` (with `auto_map`), the family's code files (`configuration_alter.py`,
+`modeling_alter.py`, `mta.py` for T5; `configuration_alter_causal.py`, `configuration_mta.py`, `modeling_alter_causal.py`,
+`mta.py` for decoder-only models, see `families.py`),
 `model.safetensors` (or shards and their index, see `max_shard_size`), `generation_config.json`, the tokenizer files,
 `README.md` (the model card) and `routing_heatmap.png` when the run saved a routing picture. The model is loaded and
 saved again with `save_pretrained` rather than copied, so checkpoints, optimizer states, `training_args.bin` and
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from .card import HUB_ID_PATTERN, build_model_card, check_repo_id, count_parameters, verify_model_card
 from .errors import FolderCheckError, PrepareError
+from .families import family_of
 from .results import EvalResults, find_result_files, read_eval_results
 from .safety import IMAGE_SIGNATURES, scan_folder
 
@@ -94,15 +97,15 @@ def prepare_folder(
     """
     from transformers import AutoTokenizer
 
-    from modeling_alter import AlterForConditionalGeneration
+    import modeling_alter
 
     model_dir = Path(model_dir)
-    _check_model_dir(model_dir)
+    family = _check_model_dir(model_dir)
     check_repo_id(repo_id)
     out_dir = _fresh_out_dir(out_dir, model_dir, overwrite)
 
     try:
-        model = AlterForConditionalGeneration.from_pretrained(model_dir, dtype="auto")
+        model = getattr(modeling_alter, family.model_class).from_pretrained(model_dir, dtype="auto")
     except (OSError, ValueError, KeyError) as error:
         raise PrepareError(f"cannot load the ALTER model from {model_dir}: {error}") from error
     tokenizer_source = Path(tokenizer_dir) if tokenizer_dir else model_dir
@@ -227,11 +230,14 @@ def _check_model_dir(model_dir):
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError) as error:
         raise PrepareError(f"{config_path} is not a readable JSON object: {error}") from error
-    if model_type != "alter":
+    family = family_of(model_type)
+    if family is None:
         raise PrepareError(
-            f"{config_path} has model_type {model_type!r}, not 'alter'; convert a T5 checkpoint with "
-            "AlterForConditionalGeneration.from_t5(...) and train it first"
+            f"{config_path} has model_type {model_type!r}, not 'alter' or 'alter_causal'; convert a T5 checkpoint with "
+            "AlterForConditionalGeneration.from_t5(...) or a Llama-family causal LM with "
+            "AlterForCausalLM.from_causal_lm(...) and train it first"
         )
+    return family
 
 
 def _fresh_out_dir(out_dir, model_dir, overwrite):
@@ -267,12 +273,13 @@ def _check_code_files(out_dir, model):
     """`save_pretrained` writes the code files only for classes registered for auto classes; make sure it did."""
     config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     auto_map = config.get("auto_map") or {}
-    missing = [name for name in CODE_FILES if not (out_dir / name).is_file()]
-    if "AutoConfig" not in auto_map or "AutoModelForSeq2SeqLM" not in auto_map or missing:
+    family = family_of(config.get("model_type")) or family_of("alter")
+    missing = [name for name in family.code_files if not (out_dir / name).is_file()]
+    if "AutoConfig" not in auto_map or family.auto_class not in auto_map or missing:
         raise PrepareError(
             f"save_pretrained of {type(model).__name__} wrote no auto_map or code files "
             f"(missing: {missing or 'auto_map'});"
-            " the model class must be registered with register_for_auto_class('AutoModelForSeq2SeqLM') and its config"
+            f" the model class must be registered with register_for_auto_class('{family.auto_class}') and its config"
             " class with register_for_auto_class() (importing modeling_alter does both)"
         )
 

@@ -4,7 +4,8 @@
 from an empty temporary working directory, with a fresh `HF_MODULES_CACHE`, offline, and without credentials. The
 script imports nothing from this project: it blocks `modeling_alter` and `hub_upload` on `sys.meta_path` (so even an
 installed copy of the project cannot be picked up) and refuses every internet socket. It loads the folder through
-`AutoConfig`, `AutoTokenizer` and `AutoModelForSeq2SeqLM(trust_remote_code=True)`, generates once per task, and writes
+`AutoConfig`, `AutoTokenizer` and `AutoModelForSeq2SeqLM(trust_remote_code=True)` (`AutoModelForCausalLM` for a
+decoder-only folder, which also runs once in `pipeline("text-generation")`), generates once per task, and writes
 a JSON report to RESULT: `{"ok": true, ...}` or `{"ok": false, "step": ..., "error": ...}`.
 """
 
@@ -78,18 +79,23 @@ def load_and_generate(folder, report):
     """Loads the folder with the Auto classes and generates once per task, filling `report` as it goes."""
     report["step"] = "importing torch and transformers"
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     report["step"] = "loading the config with AutoConfig.from_pretrained(trust_remote_code=True)"
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     report["config_class"] = f"{type(config).__module__}.{type(config).__qualname__}"
+    # A decoder-only ALTER folder maps AutoModelForCausalLM, an encoder-decoder one AutoModelForSeq2SeqLM.
+    causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    auto_name = "AutoModelForCausalLM" if causal else "AutoModelForSeq2SeqLM"
+    report["auto_class"] = auto_name
 
     report["step"] = "loading the tokenizer with AutoTokenizer.from_pretrained(trust_remote_code=True)"
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     report["tokenizer_class"] = type(tokenizer).__name__
 
-    report["step"] = "loading the model with AutoModelForSeq2SeqLM.from_pretrained(trust_remote_code=True)"
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)
+    report["step"] = f"loading the model with {auto_name}.from_pretrained(trust_remote_code=True)"
+    model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True)
     report["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
 
     report["step"] = "comparing the loaded weights with the safetensors files"
@@ -114,8 +120,18 @@ def load_and_generate(folder, report):
         batch = tokenizer([PROMPT], return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**batch, task_ids=model.task_ids([name]), max_new_tokens=8, num_beams=2)
-        generations[name] = tokenizer.decode(output[0], skip_special_tokens=True)
+        new_tokens = output[0, batch["input_ids"].shape[1]:] if causal else output[0]  # a causal LM repeats the prompt
+        generations[name] = tokenizer.decode(new_tokens, skip_special_tokens=True)
     report["generations"] = generations
+    if causal:
+        name = config.task_names[0]
+        report["step"] = (
+            'running pipeline("text-generation", model=folder, trust_remote_code=True) with '
+            f"task_ids=model.task_ids([{name!r}])"
+        )
+        generator = transformers.pipeline("text-generation", model=folder, trust_remote_code=True)
+        result = generator(PROMPT, task_ids=generator.model.task_ids([name]), max_new_tokens=8, do_sample=False)
+        report["pipeline"] = {name: result[0]["generated_text"]}
     report["loaded_project_modules"] = sorted(
         name for name in sys.modules if name.partition(".")[0] in BLOCKED_PACKAGES
     )

@@ -41,6 +41,7 @@ class PushResult:
     commit_sha: str | None = None
     pr_url: str | None = None
     warnings: list[str] = field(default_factory=list)
+    auto_class: str = "AutoModelForSeq2SeqLM"  # `AutoModelForCausalLM` for a decoder-only folder
 
     def summary(self) -> str:
         visibility = "private if new" if self.private else "the namespace's default visibility if new"
@@ -61,7 +62,7 @@ class PushResult:
                 lines.append(f"pull request: {self.pr_url}")
             lines += [
                 "load exactly this commit with:",
-                f'  AutoModelForSeq2SeqLM.from_pretrained("{self.repo_id}", trust_remote_code=True, '
+                f'  {self.auto_class}.from_pretrained("{self.repo_id}", trust_remote_code=True, '
                 f'revision="{self.commit_sha}")',
             ]
         return "\n".join(lines)
@@ -149,6 +150,7 @@ def push_folder(
         dry_run=bool(dry_run),
         token_source=token_source(token),
         warnings=report.warnings,
+        auto_class=report.load.get("auto_class", "AutoModelForSeq2SeqLM"),
     )
     if dry_run:
         return result

@@ -1,4 +1,5 @@
-"""ALTER: Mixture-of-Task-Adapters for small encoder-decoder multi-task learners.
+"""ALTER: Mixture-of-Task-Adapters for small multi-task learners: T5-family encoder-decoders
+(`AlterForConditionalGeneration`) and Llama-family decoder-only LMs (`AlterForCausalLM`).
 
 The model classes import only torch and transformers; the training side (trainer, callback, data, metrics) is
 imported on first use, so the model runs wherever the Hub files run.
@@ -6,15 +7,21 @@ imported on first use, so the model runs wherever the Hub files run.
 
 import importlib
 
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .configuration_alter import AlterConfig
+from .configuration_alter_causal import AlterCausalConfig
 from .modeling_alter import AlterForConditionalGeneration, AlterMTA
+from .modeling_alter_causal import AlterForCausalLM
 
 AlterConfig.register_for_auto_class()
 AlterForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 AutoConfig.register("alter", AlterConfig, exist_ok=True)
 AutoModelForSeq2SeqLM.register(AlterConfig, AlterForConditionalGeneration, exist_ok=True)
+AlterCausalConfig.register_for_auto_class()
+AlterForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register("alter_causal", AlterCausalConfig, exist_ok=True)
+AutoModelForCausalLM.register(AlterCausalConfig, AlterForCausalLM, exist_ok=True)
 
 _LAZY = {
     "AlterTrainer": ".trainer",
@@ -36,4 +43,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AlterConfig", "AlterForConditionalGeneration", "AlterMTA", *_LAZY]
+__all__ = ["AlterConfig", "AlterForConditionalGeneration", "AlterMTA", "AlterCausalConfig", "AlterForCausalLM", *_LAZY]

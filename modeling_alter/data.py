@@ -237,11 +237,49 @@ def _tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_length: in
     return tokenize
 
 
+def _causal_tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
+                              prompt_separator: str, chat_template: bool):
+    """Decoder-only examples: `input_ids` = prompt + answer + EOS, `labels` = -100 on the prompt, the answer's ids
+    (and EOS) after it. The prompt is the source plus `prompt_separator` (after the tokenizer's BOS, if it has one),
+    or with `chat_template` the tokenizer's chat template over one user turn with the generation prompt."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; a decoder-only target must end with EOS.")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not chat_template else []
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        if chat_template:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": source}], tokenize=False,
+                                                   add_generation_prompt=True) for source in batch["source"]]
+        else:
+            texts = [source + prompt_separator for source in batch["source"]]
+        prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        answers = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
+        input_ids, labels = [], []
+        for prompt, answer in zip(prompts, answers):
+            prompt = (bos + prompt)[:max_source_length]
+            answer = (answer[: max_target_length - 1] + [tokenizer.eos_token_id])[:max_target_length]
+            input_ids.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+
+    return tokenize
+
+
+def _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template):
+    if decoder_only:
+        return _causal_tokenize_function(tokenizer, max_source_length, max_target_length, prompt_separator,
+                                         chat_template)
+    return _tokenize_function(tokenizer, max_source_length, max_target_length)
+
+
 def build_multitask_dataset(
     tasks: Mapping[str, TaskSpec],
     tokenizer: PreTrainedTokenizerBase,
     task_names: Sequence[str],
     *,
+    decoder_only: bool = False,
+    prompt_separator: str = "\n",
+    chat_template: bool = False,
     mixing: str = "proportional",
     temperature: float = 2.0,
     max_examples_per_task: int | None = None,
@@ -270,6 +308,10 @@ def build_multitask_dataset(
         source_column, target_column: text columns of the task specs.
         task_prefixes: task name -> input prefix (e.g. the model's `config.task_prefixes`), added to every source of
             that task that does not already start with it, so the model can route by prefix without `task_ids`.
+        decoder_only: tokenize for a decoder-only model (`AlterForCausalLM`, `model.config.is_encoder_decoder` is
+            false): `input_ids` is the prompt (source + `prompt_separator`, or the tokenizer's chat template with
+            `chat_template=True`) followed by the target and EOS, and `labels` is -100 on the prompt, so the loss is
+            on the answer tokens only. `max_source_length` bounds the prompt, `max_target_length` the answer + EOS.
 
     Returns:
         A `datasets.Dataset` with columns `input_ids`, `attention_mask`, `labels` and `task_ids`.
@@ -294,7 +336,7 @@ def build_multitask_dataset(
 
     mixed = concatenate_datasets(list(loaded.values())).select(indices)
     return mixed.map(
-        _tokenize_function(tokenizer, max_source_length, max_target_length),
+        _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template),
         batched=True,
         remove_columns=["source", "target"],
         desc="Tokenizing multi-task data",
@@ -312,6 +354,9 @@ def build_eval_datasets(
     source_column: str = "source",
     target_column: str = "target",
     task_prefixes: Mapping[str, str] | None = None,
+    decoder_only: bool = False,
+    prompt_separator: str = "\n",
+    chat_template: bool = False,
 ) -> dict[str, Dataset]:
     """Tokenize each task's evaluation data separately, in its original order (no mixing).
 
@@ -319,6 +364,8 @@ def build_eval_datasets(
         tasks, tokenizer, task_names, max_source_length, max_target_length, source_column, target_column,
         task_prefixes:
             as in `build_multitask_dataset`.
+        decoder_only, prompt_separator, chat_template: as in `build_multitask_dataset` (prompt + answer; the trainer
+            generates from the prompt, the tokens whose label is -100).
         max_examples_per_task: keep only the first this many examples of each task (None: all).
 
     Returns:
@@ -327,7 +374,8 @@ def build_eval_datasets(
     """
     if max_examples_per_task is not None and max_examples_per_task <= 0:
         raise ValueError(f"max_examples_per_task must be a positive integer or None, got {max_examples_per_task!r}.")
-    tokenize = _tokenize_function(tokenizer, max_source_length, max_target_length)
+    tokenize = _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator,
+                              chat_template)
     eval_datasets = {}
     for name, dataset in _load_tasks(tasks, task_names, source_column, target_column, task_prefixes).items():
         if max_examples_per_task is not None:

@@ -266,12 +266,44 @@ class RoutingStatistics:
         plt.close(figure)
 
 
+def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
+    """The prompts of a decoder-only batch (`input_ids` = prompt + answer, `labels` -100 on the prompt and padding):
+    each row's non-padding tokens before its first label, left-padded for `generate`. Returns the generation inputs
+    (`input_ids`, `attention_mask` `[batch, width]` and every other batch-sized input except `labels`, e.g.
+    `task_ids`) and `width`."""
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    mask = inputs.get("attention_mask", torch.ones_like(input_ids)).bool()
+    answer = (labels != -100).cumsum(1) > 0
+    prompt = mask & ~answer
+    lengths = prompt.sum(1)
+    if int(lengths.min()) == 0:
+        row = int(lengths.argmin())
+        raise ValueError(
+            f"Example {row} of the evaluation batch has no prompt token (its first token already has a label): a "
+            "decoder-only model generates from the prompt, so tokenize with build_eval_datasets(..., decoder_only=True)."
+        )
+    width = int(lengths.max())
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    ids = input_ids.new_full((input_ids.shape[0], width), pad)
+    attention = torch.zeros_like(ids)
+    for i in range(input_ids.shape[0]):
+        n = int(lengths[i])
+        ids[i, width - n:] = input_ids[i][prompt[i]]
+        attention[i, width - n:] = 1
+    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+    return {"input_ids": ids, "attention_mask": attention, **rest}, width
+
+
 def mta_module_labels(model) -> list[str]:
     """Short names of the model's MTA modules in `routing_weights` order, e.g. `enc0.ffn`, `dec1.cross_attn`."""
     kinds = {"AlterLayerSelfAttention": "self_attn", "AlterLayerCrossAttention": "cross_attn", "AlterLayerFF": "ffn"}
     labels = []
     for name in model.mta_modules():
         parts = name.split(".")
+        if "layers" in parts:  # a decoder-only model: model.layers.{i}.mta.{ffn,self_attention}
+            kind = "self_attn" if parts[-1] == "self_attention" else parts[-1]
+            labels.append(f"dec{parts[parts.index('layers') + 1]}.{kind}")
+            continue
         stack = "enc" if "encoder" in parts else "dec"
         block = parts[parts.index("block") + 1] if "block" in parts else "?"
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -344,7 +376,14 @@ class AlterTrainer(Seq2SeqTrainer):
         if model_init is not None:
             raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
         if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
-            raise ValueError(f"AlterTrainer trains an AlterForConditionalGeneration, got {type(model).__name__}.")
+            raise ValueError(
+                f"AlterTrainer trains an AlterForConditionalGeneration or AlterForCausalLM, got {type(model).__name__}."
+            )
+        if not model.config.is_encoder_decoder and args.label_smoothing_factor > 0:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} is not supported for a decoder-only ALTER model "
+                "(Trainer's label smoother would not shift its labels); use 0."
+            )
         if optimizers is not None and any(o is not None for o in optimizers):
             raise ValueError(
                 "AlterTrainer does not accept `optimizers`: it builds a new optimizer and schedule for each stage. "
@@ -668,21 +707,25 @@ class AlterTrainer(Seq2SeqTrainer):
         forward also returns the routing weights, which are accumulated per task.
         """
         collector = self._routing_collector
-        if collector is None or "task_ids" not in inputs or "labels" not in inputs:
+        # A decoder-only model's inputs hold prompt + answer: generation must start from the prompt alone (below).
+        causal = not self.alter_model.config.is_encoder_decoder and "labels" in inputs
+        if not causal and (collector is None or "task_ids" not in inputs or "labels" not in inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
+        collect = collector is not None and "task_ids" in inputs
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs, output_routing_weights=True)
+            outputs = model(**inputs, output_routing_weights=collect)
         if self.label_smoother is not None:
-            loss = self.label_smoother(outputs, inputs["labels"]).detach().mean()
+            loss = self.label_smoother(outputs, inputs["labels"], shift_labels=causal).detach().mean()
         else:
             loss = outputs["loss"].detach().mean()
-        statistics = (inputs["task_ids"], outputs["routing_weights"], outputs["routing_entropy"])
-        if self.accelerator.num_processes > 1:
-            # Every process accumulates the statistics of the whole batch, without the samples that the distributed
-            # sampler repeats to even out the last batches.
-            statistics = self.accelerator.gather_for_metrics(statistics)
-        collector.update(*statistics)
+        if collect:
+            statistics = (inputs["task_ids"], outputs["routing_weights"], outputs["routing_entropy"])
+            if self.accelerator.num_processes > 1:
+                # Every process accumulates the statistics of the whole batch, without the samples that the
+                # distributed sampler repeats to even out the last batches.
+                statistics = self.accelerator.gather_for_metrics(statistics)
+            collector.update(*statistics)
         if prediction_loss_only or self.args.prediction_loss_only:
             return loss, None, None
         labels = inputs["labels"]
@@ -691,9 +734,17 @@ class AlterTrainer(Seq2SeqTrainer):
         generation_inputs = {
             k: v for k, v in inputs.items() if k not in ("labels", "decoder_input_ids", "decoder_attention_mask")
         }
+        if causal:
+            generation_inputs, width = causal_prompts(inputs, self.alter_model.generation_config.pad_token_id)
+            gen_kwargs = gen_kwargs or dict(getattr(self, "_gen_kwargs", {}))
+            if gen_kwargs.get("max_new_tokens") is None and gen_kwargs.get("max_length") is not None:
+                # For a decoder-only model `generation_max_length` bounds the answer, as for an encoder-decoder.
+                gen_kwargs["max_new_tokens"] = gen_kwargs.pop("max_length")
         _, generated_tokens, _ = super().prediction_step(
             model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
         )
+        if causal:  # the left-padded prompt comes back in front of the answer
+            generated_tokens = generated_tokens[:, width:]
         return loss, generated_tokens, labels
 
     def _decode(self, token_ids) -> list[str]:

@@ -36,12 +36,14 @@ def tiny_model(seed=0, **overrides):
     return AlterForConditionalGeneration(AlterConfig(**kwargs))
 
 
-def tiny_data(num_train_per_task=16, num_eval_per_task=4, tasks=TRAIN_TASKS):
-    """(mixed training set, dict of per-task evaluation sets) of the synthetic tasks."""
+def tiny_data(num_train_per_task=16, num_eval_per_task=4, tasks=TRAIN_TASKS, decoder_only=False):
+    """(mixed training set, dict of per-task evaluation sets) of the synthetic tasks (prompt + answer rows for a
+    decoder-only model with `decoder_only`)."""
     tok = tokenizer()
     train, evaluation = make_synthetic_tasks(num_train_per_task, num_eval_per_task, seed=0, tasks=tasks)
-    train_set = build_multitask_dataset(train, tok, TRAIN_TASKS, seed=0, max_source_length=32, max_target_length=32)
-    eval_sets = build_eval_datasets(evaluation, tok, TRAIN_TASKS, max_source_length=32, max_target_length=32)
+    lengths = dict(max_source_length=32, max_target_length=32, decoder_only=decoder_only)
+    train_set = build_multitask_dataset(train, tok, TRAIN_TASKS, seed=0, **lengths)
+    eval_sets = build_eval_datasets(evaluation, tok, TRAIN_TASKS, **lengths)
     return train_set, eval_sets
 
 

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training_utils import tiny_data, tiny_model, tokenizer  # noqa: E402
+from training_utils import TRAIN_TASKS, tiny_data, tiny_model, tokenizer  # noqa: E402
 
 from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments  # noqa: E402
 
@@ -35,6 +35,7 @@ class JobArguments:
     dropout_rate: float = field(default=0.0, metadata={"help": "Dropout of the model."})
     task_id_drop_rate: float = field(default=0.0, metadata={"help": "Stage-2 task-id drop rate."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the router auxiliary loss."})
+    causal: bool = field(default=False, metadata={"help": "Train a decoder-only AlterForCausalLM (tiny Qwen2)."})
 
 
 def parameters(model):
@@ -69,13 +70,25 @@ def main():
     job, args = HfArgumentParser((JobArguments, AlterTrainingArguments)).parse_args_into_dataclasses()
     torch.set_num_threads(1)
     set_seed(args.seed)
-    model = tiny_model(
-        dropout_rate=job.dropout_rate,
-        task_id_drop_rate=job.task_id_drop_rate,
-        router_aux_loss_coef=job.router_aux_loss_coef,
-    )
+    if job.causal:  # the same job on a decoder-only model: prompt + answer data, AlterForCausalLM
+        from causal_utils import tiny_causal_lm
+
+        from modeling_alter import AlterForCausalLM
+
+        model = AlterForCausalLM.from_causal_lm(
+            tiny_causal_lm("qwen2", attention_dropout=job.dropout_rate), task_names=TRAIN_TASKS, adapter_dim=8,
+            num_shared_adapters=1, task_id_drop_rate=job.task_id_drop_rate,
+            router_aux_loss_coef=job.router_aux_loss_coef,
+        )
+    else:
+        model = tiny_model(
+            dropout_rate=job.dropout_rate,
+            task_id_drop_rate=job.task_id_drop_rate,
+            router_aux_loss_coef=job.router_aux_loss_coef,
+        )
     train_set, eval_sets = tiny_data(
-        num_train_per_task=job.num_train_per_task, num_eval_per_task=max(job.num_eval_per_task, 1)
+        num_train_per_task=job.num_train_per_task, num_eval_per_task=max(job.num_eval_per_task, 1),
+        decoder_only=job.causal,
     )
     trainer = AlterTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer(),
