@@ -1,7 +1,7 @@
 """`prepare`: builds the folder that goes to the Hub from a training run's output directory (or a model in memory).
 
 The folder holds exactly: `config.json` (with `auto_map`), the family's code files (`configuration_alter.py`,
-`modeling_alter.py`, `mta.py` for T5; `configuration_alter_causal.py`, `configuration_mta.py`, `modeling_alter_causal.py`,
+`configuration_mta.py`, `modeling_alter.py`, `mta.py` for T5; `configuration_alter_causal.py`, `configuration_mta.py`, `modeling_alter_causal.py`,
 `mta.py` for decoder-only models, see `families.py`),
 `model.safetensors` (or shards and their index, see `max_shard_size`), `generation_config.json`, the tokenizer files,
 `README.md` (the model card) and `routing_heatmap.png` when the run saved a routing picture. The model is loaded and
@@ -17,12 +17,12 @@ from pathlib import Path
 
 from .card import HUB_ID_PATTERN, build_model_card, check_repo_id, count_parameters, verify_model_card
 from .errors import FolderCheckError, PrepareError
-from .families import family_of
+from .families import FAMILIES, family_of
 from .results import EvalResults, find_result_files, read_eval_results
 from .safety import IMAGE_SIGNATURES, scan_folder
 
 
-CODE_FILES = ("configuration_alter.py", "modeling_alter.py", "mta.py")
+CODE_FILES = FAMILIES["alter"].code_files  # the T5 family's code files (each family's: `families.py`)
 ROUTING_IMAGE_NAME = "routing_heatmap"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

@@ -2,6 +2,8 @@
 
 from transformers import PretrainedConfig
 
+from .configuration_mta import check_activation, set_mta_fields
+
 MTA_PLACEMENTS = ("ffn", "self_attention", "cross_attention")
 
 
@@ -105,20 +107,13 @@ class AlterConfig(PretrainedConfig):
         tie_word_embeddings=True,
         **kwargs,
     ):
-        self.task_names = _check_task_names(task_names)
-        self.adapter_dim = _check_int("adapter_dim", adapter_dim, minimum=1)
-        self.adapter_activation = adapter_activation
-        if adapter_form not in ("plain", "gated"):
-            raise ValueError(f"adapter_form={adapter_form!r} is not valid: expected 'plain' or 'gated'.")
-        self.adapter_form = adapter_form
-        self.num_shared_adapters = _check_int("num_shared_adapters", num_shared_adapters, minimum=0)
-        self.mta_placement = _check_placement(mta_placement)
-        self.router_top_k = router_top_k
-        self.router_aux_loss_coef = float(router_aux_loss_coef)
-        self.task_id_drop_rate = float(task_id_drop_rate)
-        self.stage = stage
-        self.stage1_train_backbone = bool(stage1_train_backbone)
-        self.task_prefixes, self.task_prefix_ids = _check_prefixes(self.task_names, task_prefixes, task_prefix_ids)
+        set_mta_fields(
+            self, task_names=task_names, adapter_dim=adapter_dim, adapter_activation=adapter_activation,
+            adapter_form=adapter_form, num_shared_adapters=num_shared_adapters, mta_placement=mta_placement,
+            allowed_placements=MTA_PLACEMENTS, router_top_k=router_top_k, router_aux_loss_coef=router_aux_loss_coef,
+            task_id_drop_rate=task_id_drop_rate, stage=stage, stage1_train_backbone=stage1_train_backbone,
+            task_prefixes=task_prefixes, task_prefix_ids=task_prefix_ids,
+        )
 
         self.vocab_size = vocab_size
         self.d_model = d_model
@@ -144,27 +139,7 @@ class AlterConfig(PretrainedConfig):
         self.dense_act_fn = "gelu_new" if feed_forward_proj == "gated-gelu" else act_info[-1]
         self.is_gated_act = act_info[0] == "gated"
 
-        from transformers.activations import ACT2FN
-
-        for name in ("adapter_activation", "dense_act_fn"):
-            if getattr(self, name) not in ACT2FN:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not a known activation; expected one of {sorted(ACT2FN)}.")
-        if router_top_k is not None and router_top_k != "auto":
-            n_adapters = len(self.task_names) + self.num_shared_adapters
-            if isinstance(router_top_k, bool) or not isinstance(router_top_k, int) or router_top_k < 1:
-                raise ValueError(f"router_top_k={router_top_k!r} is not valid: expected None (dense), 'auto' or an "
-                                 "integer >= 1.")
-            if router_top_k > n_adapters:
-                raise ValueError(
-                    f"router_top_k={router_top_k} is larger than the number of adapters ({len(self.task_names)} task "
-                    f"+ {self.num_shared_adapters} shared = {n_adapters})."
-                )
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef={router_aux_loss_coef} must be >= 0.")
-        if not 0.0 <= self.task_id_drop_rate < 1.0:
-            raise ValueError(f"task_id_drop_rate={task_id_drop_rate} must be in [0, 1).")
-        if stage not in (1, 2):
-            raise ValueError(f"stage={stage!r} is not valid: expected 1 or 2.")
+        check_activation("dense_act_fn", self.dense_act_fn)
 
         super().__init__(
             pad_token_id=pad_token_id,
@@ -183,69 +158,6 @@ class AlterConfig(PretrainedConfig):
     def num_adapters(self):
         """Task adapters plus shared adapters in every MTA module."""
         return len(self.task_names) + self.num_shared_adapters
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not valid: expected an integer >= {minimum}.")
-    return value
-
-
-def _check_task_names(task_names):
-    if isinstance(task_names, str) or not task_names:
-        raise ValueError(f"task_names={task_names!r} is not valid: expected a non-empty list of task names.")
-    names = list(task_names)
-    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
-    if bad:
-        raise ValueError(f"task_names contains invalid names {bad!r}: expected non-empty strings.")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"task_names contains duplicates {duplicates}: every task needs a unique name.")
-    return names
-
-
-def _check_prefixes(task_names, prefixes, prefix_ids):
-    """Validates `task_prefixes` (task name -> non-empty string) and `task_prefix_ids` (task name -> non-empty list
-    of token ids, only for tasks with a prefix); returns plain dicts or None."""
-    if not prefixes:
-        if prefix_ids:
-            raise ValueError("task_prefix_ids is set but task_prefixes is not: set task_prefixes (task name -> input "
-                             "prefix) and fill the ids with model.set_task_prefixes(tokenizer=...).")
-        return None, None
-    if not isinstance(prefixes, dict):
-        raise ValueError(f"task_prefixes={prefixes!r} is not valid: expected a dict from task name to input prefix.")
-    unknown = [name for name in prefixes if name not in task_names]
-    if unknown:
-        raise ValueError(f"task_prefixes names unknown task(s) {unknown}; expected names from {list(task_names)}.")
-    bad = {name: p for name, p in prefixes.items() if not isinstance(p, str) or not p}
-    if bad:
-        raise ValueError(f"task_prefixes has invalid prefixes {bad!r}: expected non-empty strings.")
-    values = list(prefixes.values())
-    duplicates = sorted({p for p in values if values.count(p) > 1})
-    if duplicates:
-        raise ValueError(f"task_prefixes gives the same prefix {duplicates} to several tasks; each needs its own.")
-    if prefix_ids:
-        if set(prefix_ids) != set(prefixes):
-            raise ValueError(f"task_prefix_ids has tasks {sorted(prefix_ids)} but task_prefixes has "
-                             f"{sorted(prefixes)}; expected the same tasks (refill with model.set_task_prefixes).")
-        for name, ids in prefix_ids.items():
-            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise ValueError(f"task_prefix_ids[{name!r}]={ids!r} is not valid: expected a non-empty list of "
-                                 "token ids.")
-        prefix_ids = {name: list(ids) for name, ids in prefix_ids.items()}
-    return dict(prefixes), (prefix_ids or None)
-
-
-def _check_placement(placement):
-    if isinstance(placement, str):
-        placement = [placement]
-    placement = list(placement)
-    unknown = [p for p in placement if p not in MTA_PLACEMENTS]
-    if unknown:
-        raise ValueError(f"mta_placement contains unknown sublayers {unknown}; expected a subset of {list(MTA_PLACEMENTS)}.")
-    if "ffn" not in placement:
-        raise ValueError(f"mta_placement={placement} must include 'ffn' (every block's feed-forward carries MTA).")
-    return [p for p in MTA_PLACEMENTS if p in placement]
 
 
 __all__ = ["AlterConfig"]

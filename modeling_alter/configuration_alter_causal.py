@@ -26,9 +26,14 @@ class AlterCausalConfig(PretrainedConfig):
             `model_type` of the backbone: one of `"llama"`, `"qwen2"`, `"qwen3"`, `"mistral"`. The backbone's own
             configuration class fills in the defaults of its fields (e.g. `layer_types`, `rope_parameters`,
             `head_dim`) and normalises them.
-        task_names, adapter_dim, adapter_activation, num_shared_adapters, router_top_k, router_aux_loss_coef,
-        task_id_drop_rate, stage, stage1_train_backbone, base_model:
-            As in [`AlterConfig`].
+        task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters, router_top_k,
+        router_aux_loss_coef, task_id_drop_rate, stage, stage1_train_backbone, base_model:
+            As in [`AlterConfig`], with the same defaults (`router_top_k="auto"`, `adapter_form="plain"`) and the same
+            validation (`configuration_mta.set_mta_fields`).
+        task_prefixes (`dict[str, str]`, *optional*), task_prefix_ids (`dict[str, list[int]]`, *optional*):
+            As in [`AlterConfig`]: with `task_ids=None`, `forward` and `generate` infer each example's task from the
+            token ids its prompt starts with; fill the ids with `model.set_task_prefixes(tokenizer=...)`. A leading
+            `bos_token_id` (added by Llama-style tokenizers) is skipped before matching, so the ids never include it.
         mta_placement (`list[str]`, defaults to `["ffn"]`):
             Sublayers of every decoder layer that carry an MTA module: `"ffn"` (required; parallel to the MLP,
             reading the post-attention RMSNorm output) and optionally `"self_attention"` (parallel to the attention,
@@ -47,22 +52,25 @@ class AlterCausalConfig(PretrainedConfig):
         task_names=("default",),
         adapter_dim=64,
         adapter_activation="relu",
+        adapter_form="plain",
         num_shared_adapters=1,
         mta_placement=("ffn",),
-        router_top_k=None,
+        router_top_k="auto",
         router_aux_loss_coef=0.01,
         task_id_drop_rate=0.1,
         stage=1,
         stage1_train_backbone=True,
+        task_prefixes=None,
+        task_prefix_ids=None,
         backbone_model_type="llama",
         **kwargs,
     ):
         set_mta_fields(
             self, task_names=task_names, adapter_dim=adapter_dim, adapter_activation=adapter_activation,
-            num_shared_adapters=num_shared_adapters, mta_placement=mta_placement,
+            adapter_form=adapter_form, num_shared_adapters=num_shared_adapters, mta_placement=mta_placement,
             allowed_placements=CAUSAL_MTA_PLACEMENTS, router_top_k=router_top_k,
             router_aux_loss_coef=router_aux_loss_coef, task_id_drop_rate=task_id_drop_rate, stage=stage,
-            stage1_train_backbone=stage1_train_backbone,
+            stage1_train_backbone=stage1_train_backbone, task_prefixes=task_prefixes, task_prefix_ids=task_prefix_ids,
         )
         if backbone_model_type not in SUPPORTED_BACKBONES:
             raise ValueError(

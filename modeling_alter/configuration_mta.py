@@ -1,7 +1,10 @@
-"""Validation of the Mixture-of-Task-Adapters (MTA) fields, shared by the configurations of every ALTER backbone family.
+"""Validation of the Mixture-of-Task-Adapters (MTA) fields, shared by the configurations of every ALTER backbone family
+(`AlterConfig` for T5, `AlterCausalConfig` for Llama-family decoder-only LMs): the one place these fields are checked.
 
 A Hub code file: it imports only transformers (and the standard library).
 """
+
+ADAPTER_FORMS = ("plain", "gated")
 
 
 def check_int(name, value, minimum):
@@ -38,31 +41,84 @@ def check_placement(placement, allowed):
     return [p for p in allowed if p in placement]
 
 
-def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, num_shared_adapters, mta_placement,
-                   allowed_placements, router_top_k, router_aux_loss_coef, task_id_drop_rate, stage,
-                   stage1_train_backbone):
-    """Validates the MTA fields and sets them on `config`; every error is a `ValueError` that names the bad value.
-    See `AlterConfig` for the meaning of each field."""
+def check_adapter_form(adapter_form):
+    """`"plain"` or `"gated"` (see `AlterConfig`)."""
+    if adapter_form not in ADAPTER_FORMS:
+        raise ValueError(f"adapter_form={adapter_form!r} is not valid: expected 'plain' or 'gated'.")
+    return adapter_form
+
+
+def check_router_top_k(router_top_k, num_tasks, num_shared_adapters):
+    """`None` (dense), `"auto"` (see `mta.resolve_top_k`) or an int in [1, number of adapters]."""
+    if router_top_k is None or router_top_k == "auto":
+        return router_top_k
+    n_adapters = num_tasks + num_shared_adapters
+    if isinstance(router_top_k, bool) or not isinstance(router_top_k, int) or router_top_k < 1:
+        raise ValueError(f"router_top_k={router_top_k!r} is not valid: expected None (dense), 'auto' or an "
+                         "integer >= 1.")
+    if router_top_k > n_adapters:
+        raise ValueError(
+            f"router_top_k={router_top_k} is larger than the number of adapters ({num_tasks} task "
+            f"+ {num_shared_adapters} shared = {n_adapters})."
+        )
+    return router_top_k
+
+
+def check_prefixes(task_names, prefixes, prefix_ids):
+    """Validates `task_prefixes` (task name -> non-empty string) and `task_prefix_ids` (task name -> non-empty list
+    of token ids, only for tasks with a prefix); returns plain dicts or None."""
+    if not prefixes:
+        if prefix_ids:
+            raise ValueError("task_prefix_ids is set but task_prefixes is not: set task_prefixes (task name -> input "
+                             "prefix) and fill the ids with model.set_task_prefixes(tokenizer=...).")
+        return None, None
+    if not isinstance(prefixes, dict):
+        raise ValueError(f"task_prefixes={prefixes!r} is not valid: expected a dict from task name to input prefix.")
+    unknown = [name for name in prefixes if name not in task_names]
+    if unknown:
+        raise ValueError(f"task_prefixes names unknown task(s) {unknown}; expected names from {list(task_names)}.")
+    bad = {name: p for name, p in prefixes.items() if not isinstance(p, str) or not p}
+    if bad:
+        raise ValueError(f"task_prefixes has invalid prefixes {bad!r}: expected non-empty strings.")
+    values = list(prefixes.values())
+    duplicates = sorted({p for p in values if values.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"task_prefixes gives the same prefix {duplicates} to several tasks; each needs its own.")
+    if prefix_ids:
+        if set(prefix_ids) != set(prefixes):
+            raise ValueError(f"task_prefix_ids has tasks {sorted(prefix_ids)} but task_prefixes has "
+                             f"{sorted(prefixes)}; expected the same tasks (refill with model.set_task_prefixes).")
+        for name, ids in prefix_ids.items():
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"task_prefix_ids[{name!r}]={ids!r} is not valid: expected a non-empty list of "
+                                 "token ids.")
+        prefix_ids = {name: list(ids) for name, ids in prefix_ids.items()}
+    return dict(prefixes), (prefix_ids or None)
+
+
+def check_activation(name, value):
+    """`value` if it is a key of `transformers.activations.ACT2FN`; raises `ValueError` naming `name` otherwise."""
     from transformers.activations import ACT2FN
 
+    if value not in ACT2FN:
+        raise ValueError(f"{name}={value!r} is not a known activation; expected one of {sorted(ACT2FN)}.")
+    return value
+
+
+def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters,
+                   mta_placement, allowed_placements, router_top_k, router_aux_loss_coef, task_id_drop_rate, stage,
+                   stage1_train_backbone, task_prefixes, task_prefix_ids):
+    """Validates the MTA fields and sets them on `config`; every error is a `ValueError` that names the bad value.
+    See `AlterConfig` for the meaning of each field; `allowed_placements` are the backbone's sublayers that may carry
+    MTA (`mta_placement` is stored in their order)."""
     config.task_names = check_task_names(task_names)
     config.adapter_dim = check_int("adapter_dim", adapter_dim, minimum=1)
-    if adapter_activation not in ACT2FN:
-        raise ValueError(
-            f"adapter_activation={adapter_activation!r} is not a known activation; expected one of {sorted(ACT2FN)}."
-        )
-    config.adapter_activation = adapter_activation
+    config.adapter_activation = check_activation("adapter_activation", adapter_activation)
+    config.adapter_form = check_adapter_form(adapter_form)
     config.num_shared_adapters = check_int("num_shared_adapters", num_shared_adapters, minimum=0)
     config.mta_placement = check_placement(mta_placement, allowed_placements)
-    if router_top_k is not None:
-        n_adapters = len(config.task_names) + config.num_shared_adapters
-        check_int("router_top_k", router_top_k, minimum=1)
-        if router_top_k > n_adapters:
-            raise ValueError(
-                f"router_top_k={router_top_k} is larger than the number of adapters ({len(config.task_names)} task "
-                f"+ {config.num_shared_adapters} shared = {n_adapters})."
-            )
-    config.router_top_k = router_top_k
+    config.task_prefixes, config.task_prefix_ids = check_prefixes(config.task_names, task_prefixes, task_prefix_ids)
+    config.router_top_k = check_router_top_k(router_top_k, len(config.task_names), config.num_shared_adapters)
     config.router_aux_loss_coef = float(router_aux_loss_coef)
     if config.router_aux_loss_coef < 0:
         raise ValueError(f"router_aux_loss_coef={router_aux_loss_coef} must be >= 0.")
@@ -75,4 +131,5 @@ def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, num_s
     config.stage1_train_backbone = bool(stage1_train_backbone)
 
 
-__all__ = ["check_int", "check_task_names", "check_placement", "set_mta_fields"]
+__all__ = ["ADAPTER_FORMS", "check_int", "check_task_names", "check_placement", "check_adapter_form",
+           "check_router_top_k", "check_prefixes", "check_activation", "set_mta_fields"]

@@ -30,13 +30,11 @@ from .mta import (
     build_routing,
     check_stage,
     init_mta_weights,
+    PrefixRoutingMixin,
     plan_task_changes,
-    prefix_matcher_for,
-    prefix_task_ids,
     remap_mta_tasks,
     resolve_top_k,
     stage_trainable_names,
-    tokenize_prefix,
 )
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
@@ -423,7 +421,7 @@ class AlterPreTrainedModel(PreTrainedModel):
             init_mta_weights(module, std=factor * d_model**-0.5)
 
 
-class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
+class AlterForConditionalGeneration(PrefixRoutingMixin, AlterPreTrainedModel, GenerationMixin):
     r"""
     T5 encoder-decoder with a Mixture-of-Task-Adapters in every block, trained in two stages (see `set_stage`).
 
@@ -438,7 +436,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self._train_task_names = None  # see `set_train_tasks`
         self._frozen_rows = None
-        self._prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher)
+        self._prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher), see the mixin
         self.encoder = AlterStack(config, is_decoder=False)
         self.decoder = AlterStack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -610,38 +608,7 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
             self.config.task_prefix_ids = {k: v for k, v in ids.items() if k in prefixes} if ids and prefixes else None
         self.set_stage(self.config.stage)
 
-    # ---- routing by prompt prefix -------------------------------------------------------------------------------
-
-    def set_task_prefixes(self, prefixes: dict[str, str] | None = None, tokenizer=None) -> None:
-        """Sets `config.task_prefixes` (default: keep the current ones) and fills `config.task_prefix_ids` with
-        `tokenizer` (see `mta.tokenize_prefix`); both are saved in `config.json`. An empty dict turns prefix routing
-        off."""
-        from .configuration_alter import _check_prefixes
-
-        prefixes = self.config.task_prefixes if prefixes is None else prefixes
-        if prefixes and tokenizer is None:
-            raise ValueError("set_task_prefixes needs the tokenizer, to turn each prefix into the token ids inputs "
-                             "start with.")
-        ids = {name: tokenize_prefix(tokenizer, prefix) for name, prefix in prefixes.items()} if prefixes else None
-        self.config.task_prefixes, self.config.task_prefix_ids = _check_prefixes(self.config.task_names, prefixes, ids)
-
-    def infer_task_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None):
-        """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
-        prefix, counted from its first attended token. An unmatched example gets the unknown task (`num_tasks`) in
-        stage 2 and raises `ValueError` in stage 1."""
-        key = (tuple(self.config.task_names), copy.deepcopy(self.config.task_prefix_ids))
-        if self._prefix_matcher is None or self._prefix_matcher[0] != key:
-            self._prefix_matcher = (key, prefix_matcher_for(self.config))
-        return prefix_task_ids(self.config, self._prefix_matcher[1], input_ids, attention_mask)
-
-    def generate(self, inputs=None, *args, **kwargs):
-        """`GenerationMixin.generate`; with `task_ids` not given and `config.task_prefixes` set, each example's task
-        comes from its input's prefix (see `infer_task_ids`), expanded for beams like explicit `task_ids`."""
-        if kwargs.get("task_ids") is None and self.config.task_prefixes:
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            if input_ids is not None and not input_ids.is_floating_point():
-                kwargs["task_ids"] = self.infer_task_ids(input_ids, kwargs.get("attention_mask"))
-        return super().generate(inputs, *args, **kwargs)
+    # ---- routing by prompt prefix: `set_task_prefixes`, `infer_task_ids`, `generate` (see `PrefixRoutingMixin`) ----
 
     # ---- conversion ---------------------------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Transformers' own modules of the backbone family, built from the backbone's own 
 names are those of `LlamaForCausalLM` / `Qwen2ForCausalLM` / ... and a converted checkpoint loads as is. This file
 writes only the layer's residual wiring (the Llama pre-norm layout), where the MTA outputs are added. Routing reaches
 every MTA module through an explicit `TaskRouting` argument built once per forward; no module keeps routing state
-between calls. This file imports only torch, transformers, `configuration_alter_causal` and `mta`.
+between calls. With `config.task_prefixes` set, `forward` and `generate` infer each example's task from its prompt's
+prefix (`mta.PrefixRoutingMixin`, shared with the T5 family). This file imports only torch, transformers,
+`configuration_alter_causal` and `mta`.
 """
 
 import copy
@@ -28,7 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .configuration_alter_causal import SUPPORTED_BACKBONES, AlterCausalConfig, backbone_field_names
-from .mta import AlterMTA, build_routing, check_stage, init_mta_weights, stage_trainable_names
+from .mta import AlterMTA, PrefixRoutingMixin, build_routing, check_stage, init_mta_weights, stage_trainable_names
 
 # Each family: its decoder layer (only its four sublayers are used), final norm and rotary embedding.
 BACKBONE_MODULES = {
@@ -264,14 +266,19 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         )
 
 
-class AlterForCausalLM(AlterCausalPreTrainedModel, GenerationMixin):
+class AlterForCausalLM(PrefixRoutingMixin, AlterCausalPreTrainedModel, GenerationMixin):
     r"""
     A Llama-family decoder-only LM (Llama, Qwen2, Qwen3, Mistral) with a Mixture-of-Task-Adapters in every decoder
     layer, trained in two stages (see `set_stage`). Convert a checkpoint with `from_causal_lm`.
 
     Pass `task_ids` (a LongTensor `[batch]`, see `task_ids(names)`) to `forward` and `generate`; `generate` expands
-    it for beams and `num_return_sequences` and hands it to every decoding step.
+    it for beams and `num_return_sequences` and hands it to every decoding step. Or route by prompt prefix: after
+    `model.set_task_prefixes({"sentiment": "sst2: "}, tokenizer=tok)`, `task_ids=None` infers each example's task from
+    the token ids its prompt starts with (a leading `config.bos_token_id` skipped), so `pipeline("text-generation")`
+    routes with no extra arguments.
     """
+
+    prefix_skip_bos = True  # Llama-style tokenizers put BOS before the prompt; matching starts after it
 
     accepts_loss_kwargs = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -281,6 +288,7 @@ class AlterForCausalLM(AlterCausalPreTrainedModel, GenerationMixin):
         self.model = AlterCausalModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher), see the mixin
         self.post_init()
         self.set_stage(config.stage)
 
@@ -398,6 +406,8 @@ class AlterForCausalLM(AlterCausalPreTrainedModel, GenerationMixin):
         attention_mask (`torch.Tensor` of shape `(batch_size, past_length + length)`): 1 for tokens, 0 for padding.
         task_ids (`torch.LongTensor` of shape `(batch_size,)`):
             Each example's task id (`model.task_ids(names)`). Required in stage 1; in stage 2 `None` routes without.
+            With `config.task_prefixes` set, `None` on a fresh prompt (`input_ids` and an empty cache) infers them
+            from the prompts' prefixes (`infer_task_ids`); `generate` does this once and passes them to every step.
         cache / past_key_values (`Cache`, *optional*):
             The KV cache (Transformers >= 5.24 calls it `cache`, older releases `past_key_values`).
         labels (`torch.LongTensor` of shape `(batch_size, length)`, *optional*):
@@ -419,6 +429,10 @@ class AlterForCausalLM(AlterCausalPreTrainedModel, GenerationMixin):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
             use_cache = False
+        if task_ids is None and input_ids is not None and self.config.task_prefixes:
+            if cache is None or cache.get_seq_length() == 0:  # later steps see only new tokens: pass task_ids
+                task_ids = self.infer_task_ids(input_ids, attention_mask if isinstance(attention_mask, torch.Tensor)
+                                               and attention_mask.dim() == 2 else None)
         if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:
             drop = torch.rand(task_ids.shape, device=task_ids.device) < self.config.task_id_drop_rate
             task_ids = task_ids.masked_fill(drop, self.config.num_tasks)

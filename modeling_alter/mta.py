@@ -13,7 +13,10 @@ the gate alone, fed by an "unknown task" embedding.
 Routing reaches every module through an explicit `TaskRouting` argument built once per forward (`build_routing`); no
 module keeps routing state between calls. The module reads from its config only `hidden_size`, `adapter_dim`,
 `adapter_activation`, `num_tasks`, `num_shared_adapters`, `num_adapters` and `router_top_k`, so any backbone's
-config that has these fields can carry it. This file imports only torch and transformers.
+config that has these fields can carry it.
+
+`PrefixRoutingMixin` gives every ALTER model family routing by input prefix (`set_task_prefixes`, `infer_task_ids` and
+a `generate` that infers the tasks once). This file imports only torch, transformers and `configuration_mta`.
 """
 
 from typing import NamedTuple
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+from .configuration_mta import ADAPTER_FORMS, check_prefixes
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -46,7 +51,6 @@ def resolve_top_k(router_top_k, num_adapters: int) -> int | None:
 TASK_ADAPTER_PARAMETERS = ("task_down", "task_up", "task_linear")
 # Forms of an adapter: "plain" `U act(D u)`, or "gated" `U (act(D u) * (L u))`, the form of a gated FFN (T5 v1.1 /
 # Flan-T5: `wo (act(wi_0 u) * wi_1 u)`), into which a gated adapter merges exactly as extra hidden units.
-ADAPTER_FORMS = ("plain", "gated")
 
 class RowGroups(NamedTuple):
     """The rows of a matrix sorted by adapter: block g (`sizes[g]` consecutive rows) goes through `adapters[g]`."""
@@ -576,6 +580,9 @@ class PrefixMatcher:
     prefix matches (an input shorter than every prefix included). The input starts at its first attended token, so
     left and right padding both work. When several prefixes match, the longest wins. One vectorised comparison per
     batch, on the input's device; no decoding, no host synchronisation.
+
+    With `skip_token_id` (a decoder-only model's BOS), an input whose first attended token is that id is matched from
+    the token after it, so prompts tokenized with and without a leading BOS route alike (prefix ids never hold it).
     """
 
     def __init__(self, prefix_ids: list[list[int]]):
@@ -587,7 +594,8 @@ class PrefixMatcher:
         self.lengths = torch.tensor([len(ids) for ids in prefix_ids])
         self._on_device = {}
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 skip_token_id: int | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
         width = self.table.shape[1]
         if attention_mask is None:
@@ -597,6 +605,9 @@ class PrefixMatcher:
             mask = attention_mask.bool()
             start = mask.long().argmax(1)  # the first attended token (0 for right padding)
             valid = mask.sum(1)
+        if skip_token_id is not None and length > 0:
+            skip = (input_ids.gather(1, start[:, None]).squeeze(1) == skip_token_id).long()
+            start, valid = (start + skip).clamp(max=length - 1), valid - skip
         positions = start[:, None] + torch.arange(width, device=input_ids.device)
         window = input_ids.gather(1, positions.clamp(max=length - 1))  # [batch, width]
         if input_ids.device not in self._on_device:
@@ -611,10 +622,11 @@ class PrefixMatcher:
 
 
 
-def prefix_task_ids(config, matcher: PrefixMatcher, input_ids, attention_mask=None) -> torch.Tensor:
-    """Task ids [batch] from the inputs' prefixes with `matcher` (built from `config.task_prefix_ids`): an unmatched
-    example gets the unknown task (`config.num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
-    task_ids = matcher(input_ids, attention_mask)
+def prefix_task_ids(config, matcher: PrefixMatcher, input_ids, attention_mask=None, skip_token_id=None) -> torch.Tensor:
+    """Task ids [batch] from the inputs' prefixes with `matcher` (built from `config.task_prefix_ids`; a leading
+    `skip_token_id` is skipped, see `PrefixMatcher`): an unmatched example gets the unknown task (`config.num_tasks`)
+    in stage 2 and raises `ValueError` in stage 1."""
+    task_ids = matcher(input_ids, attention_mask, skip_token_id)
     if config.stage == 2:
         return task_ids.masked_fill(task_ids < 0, config.num_tasks)
     unmatched = (task_ids < 0).nonzero().flatten().tolist()
@@ -634,7 +646,64 @@ def prefix_matcher_for(config) -> PrefixMatcher:
         raise ValueError("This model has no task prefixes to infer task ids from" + hint + "; pass task_ids.")
     return PrefixMatcher([config.task_prefix_ids.get(name, []) for name in config.task_names])
 
+
+class PrefixRoutingMixin:
+    """Routing by input prefix for an ALTER model (a `PreTrainedModel` with `GenerationMixin`, placed before them in
+    the bases): `set_task_prefixes`, `infer_task_ids`, and a `generate` that, without `task_ids` and with
+    `config.task_prefixes` set, infers each example's task once from its input and passes it as `task_ids` (so every
+    decoding step, beam and returned sequence uses it). The model's `forward` calls `infer_task_ids` itself when it
+    gets `task_ids=None` on a fresh input.
+
+    `prefix_skip_bos = True` (decoder-only models): a leading `config.bos_token_id` is skipped before matching, so a
+    tokenizer that adds BOS (Llama) and one that does not route the same prompt alike; the prefix ids never hold BOS.
+    """
+
+    prefix_skip_bos = False
+
+    def _prefix_skip_token_id(self):
+        return getattr(self.config, "bos_token_id", None) if self.prefix_skip_bos else None
+
+    def set_task_prefixes(self, prefixes: dict[str, str] | None = None, tokenizer=None) -> None:
+        """Sets `config.task_prefixes` (default: keep the current ones) and fills `config.task_prefix_ids` with
+        `tokenizer` (see `tokenize_prefix`); both are saved in `config.json`. An empty dict turns prefix routing off.
+        Decoder-only models raise `ValueError` if the tokenizer starts inputs with a BOS other than
+        `config.bos_token_id` (it could not be skipped when matching)."""
+        prefixes = self.config.task_prefixes if prefixes is None else prefixes
+        if prefixes and tokenizer is None:
+            raise ValueError("set_task_prefixes needs the tokenizer, to turn each prefix into the token ids inputs "
+                             "start with.")
+        if prefixes and self.prefix_skip_bos:
+            bos = getattr(tokenizer, "bos_token_id", None)
+            first = tokenizer("x")["input_ids"][:1]
+            if bos is not None and first == [bos] and bos != self._prefix_skip_token_id():
+                raise ValueError(f"The tokenizer starts every input with its BOS token id {bos}, but "
+                                 f"config.bos_token_id={self.config.bos_token_id!r}; set config.bos_token_id={bos} so "
+                                 "that prefix matching skips it.")
+        ids = {name: tokenize_prefix(tokenizer, prefix) for name, prefix in prefixes.items()} if prefixes else None
+        self.config.task_prefixes, self.config.task_prefix_ids = check_prefixes(self.config.task_names, prefixes, ids)
+
+    def infer_task_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
+        prefix, counted from its first attended token (after a leading BOS for decoder-only models). An unmatched
+        example gets the unknown task (`num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
+        import copy
+
+        key = (tuple(self.config.task_names), copy.deepcopy(self.config.task_prefix_ids))
+        cached = getattr(self, "_prefix_matcher", None)
+        if cached is None or cached[0] != key:
+            cached = self._prefix_matcher = (key, prefix_matcher_for(self.config))
+        return prefix_task_ids(self.config, cached[1], input_ids, attention_mask, self._prefix_skip_token_id())
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """`GenerationMixin.generate`; with `task_ids` not given and `config.task_prefixes` set, each example's task
+        comes from its input's prefix (see `infer_task_ids`), expanded for beams like explicit `task_ids`."""
+        if kwargs.get("task_ids") is None and self.config.task_prefixes:
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if input_ids is not None and not input_ids.is_floating_point():
+                kwargs["task_ids"] = self.infer_task_ids(input_ids, kwargs.get("attention_mask"))
+        return super().generate(inputs, *args, **kwargs)
+
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
            "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher",
-           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
+           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "PrefixRoutingMixin", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
            "check_stage"]

@@ -49,6 +49,7 @@ EXPECTED_FILES = {
     "added_tokens.json",
     "config.json",
     "configuration_alter.py",
+    "configuration_mta.py",
     "generation_config.json",
     "model.safetensors",
     "modeling_alter.py",
@@ -155,7 +156,7 @@ def test_prepare_writes_exactly_the_hub_files(prepared):
         "AutoModelForSeq2SeqLM": "modeling_alter.AlterForConditionalGeneration",
     }
     assert config["task_names"] == TASKS and config["stage"] == 2
-    for name in ("configuration_alter.py", "modeling_alter.py", "mta.py"):
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
         assert (prepared.path / name).read_bytes() == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     assert (prepared.path / "routing_heatmap.png").read_bytes() == tiny_png()
     assert prepared.results.sources == ["all_results.json"]
@@ -656,7 +657,7 @@ def test_push_model_pushes_model_tokenizer_and_card_in_one_commit(monkeypatch):
     files = recorder.calls[1][2]
     shards = [name for name in files if name.startswith("model-0")]
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
-    assert {"README.md", "config.json", "configuration_alter.py", "modeling_alter.py", "mta.py",
+    assert {"README.md", "config.json", "configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py",
             "tokenizer_config.json"} <= set(
         files
     )
@@ -665,7 +666,8 @@ def test_push_model_pushes_model_tokenizer_and_card_in_one_commit(monkeypatch):
 
 
 def test_model_push_to_hub_uploads_the_code_files(monkeypatch):
-    """The known pitfall: `model.push_to_hub` must carry configuration_alter.py and modeling_alter.py along."""
+    """The known pitfall: `model.push_to_hub` must carry the code files (configuration_alter.py and the sibling
+    configuration_mta.py it imports, modeling_alter.py, mta.py) along."""
     recorder = HubRecorder(monkeypatch)
     monkeypatch.setattr(
         "transformers.utils.hub.create_and_tag_model_card",
@@ -674,7 +676,7 @@ def test_model_push_to_hub_uploads_the_code_files(monkeypatch):
     tiny_model().push_to_hub(REPO_ID, private=True, commit_message="Upload model", token=FAKE_TOKEN)
     assert recorder.names() == ["create_repo", "create_commit"]
     files = recorder.calls[1][2]
-    for name in ("configuration_alter.py", "modeling_alter.py", "mta.py"):
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
         assert files[name] == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     auto_map = json.loads(files["config.json"])["auto_map"]
     assert auto_map["AutoModelForSeq2SeqLM"] == "modeling_alter.AlterForConditionalGeneration"

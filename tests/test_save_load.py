@@ -16,7 +16,7 @@ import modeling_alter
 from conftest import random_batch, tiny_alter
 from modeling_alter import AlterForConditionalGeneration
 
-HUB_FILES = ("configuration_alter.py", "modeling_alter.py", "mta.py")
+HUB_FILES = ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py")
 
 
 def test_save_writes_the_hub_layout(tmp_path):
@@ -41,7 +41,7 @@ def test_hub_files_import_only_torch_transformers_and_each_other(name):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." + (node.module or "") if node.level else node.module.split(".")[0])
-    allowed = {"torch", "transformers", ".configuration_alter", ".mta", "copy", "math", "os", "shutil", "tempfile",
+    allowed = {"torch", "transformers", ".configuration_alter", ".configuration_mta", ".mta", "copy", "math", "os", "shutil", "tempfile",
                "dataclasses", "typing"}
     assert imported <= allowed, imported - allowed
 
