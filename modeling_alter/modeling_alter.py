@@ -23,19 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerNorm
 
 from .configuration_alter import AlterConfig
-from .mta import (
-    TASK_ADAPTER_PARAMETERS,
-    AlterMTA,
-    FrozenRows,
-    build_routing,
-    check_stage,
-    init_mta_weights,
-    PrefixRoutingMixin,
-    plan_task_changes,
-    remap_mta_tasks,
-    resolve_top_k,
-    stage_trainable_names,
-)
+from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -395,6 +383,9 @@ class AlterPreTrainedModel(PreTrainedModel):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _mta_init_std(self) -> float:
+        return self.config.initializer_factor * self.config.d_model**-0.5
+
     def _init_weights(self, module):
         factor = self.config.initializer_factor
         d_model, d_ff = self.config.d_model, self.config.d_ff
@@ -418,10 +409,10 @@ class AlterPreTrainedModel(PreTrainedModel):
             if module.has_relative_attention_bias:
                 init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * d_model**-0.5)
         elif isinstance(module, AlterMTA):
-            init_mta_weights(module, std=factor * d_model**-0.5)
+            init_mta_weights(module, std=self._mta_init_std())
 
 
-class AlterForConditionalGeneration(PrefixRoutingMixin, AlterPreTrainedModel, GenerationMixin):
+class AlterForConditionalGeneration(AlterTasksMixin, AlterPreTrainedModel, GenerationMixin):
     r"""
     T5 encoder-decoder with a Mixture-of-Task-Adapters in every block, trained in two stages (see `set_stage`).
 
@@ -434,9 +425,6 @@ class AlterForConditionalGeneration(PrefixRoutingMixin, AlterPreTrainedModel, Ge
 
     def __init__(self, config: AlterConfig):
         super().__init__(config)
-        self._train_task_names = None  # see `set_train_tasks`
-        self._frozen_rows = None
-        self._prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher), see the mixin
         self.encoder = AlterStack(config, is_decoder=False)
         self.decoder = AlterStack(config, is_decoder=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -465,150 +453,6 @@ class AlterForConditionalGeneration(PrefixRoutingMixin, AlterPreTrainedModel, Ge
 
     def get_decoder(self, *args, **kwargs):
         return self.decoder
-
-    # ---- tasks and stages -------------------------------------------------------------------------------------
-
-    def task_ids(self, names) -> torch.LongTensor:
-        """Maps task names (a list, or one name) to a LongTensor of task ids on the model's device."""
-        if isinstance(names, str):
-            names = [names]
-        index = {name: i for i, name in enumerate(self.config.task_names)}
-        unknown = [name for name in names if name not in index]
-        if unknown:
-            raise ValueError(f"Unknown task name(s) {unknown}; this model knows {self.config.task_names}.")
-        return torch.tensor([index[name] for name in names], dtype=torch.long, device=self.device)
-
-    def mta_modules(self) -> dict[str, AlterMTA]:
-        """Every MTA module by its parameter-path name, encoder first (the order of `routing_weights`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, AlterMTA)}
-
-    def task_adapter_banks(self) -> list[nn.Parameter]:
-        """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] of every MTA module), whose
-        row t is task t's: a batch trains only the rows of its tasks (see `optim.RowSparseAdamW`)."""
-        return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up, m.task_linear)
-                if p is not None]
-
-    def trainable_parameter_names(self, stage: int) -> set[str]:
-        """Names of the parameters that train in `stage` (1 or 2). With `set_train_tasks(names)`, only the MTA
-        parameters that hold rows of those tasks: the task adapters in stage 1, the task embeddings in stage 2 (their
-        other rows are kept frozen, see `frozen_rows`)."""
-        if self._train_task_names is None:
-            return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
-        check_stage(stage)
-        leaves = TASK_ADAPTER_PARAMETERS if stage == 1 else ("task_embedding.weight",)
-        return {name for name, _ in self.named_parameters() if ".mta." in f".{name}" and name.endswith(leaves)}
-
-    def set_stage(self, stage: int) -> None:
-        """Sets `config.stage` and makes exactly that stage's parameters trainable (the rest frozen)."""
-        check_stage(stage)
-        self.config.stage = stage
-        trainable = self.trainable_parameter_names(stage)
-        for name, param in self.named_parameters():
-            param.requires_grad_(name in trainable)
-        if self._frozen_rows is not None:
-            self._frozen_rows.remove()
-            self._frozen_rows = None
-        if self._train_task_names is not None:
-            train = set(self.task_ids(list(self._train_task_names)).tolist())
-            rows = {}
-            for module in self.mta_modules().values():
-                # stage 1: rows of the task adapters; stage 2: rows of the task embedding (the last: unknown task)
-                params = (module.task_down, module.task_up, module.task_linear) if stage == 1 else (
-                    module.task_embedding.weight,)
-                for param in (p for p in params if p is not None):
-                    frozen = [i for i in range(param.shape[0]) if i not in train]
-                    rows[param] = torch.tensor(frozen, dtype=torch.long, device=param.device)
-            self._frozen_rows = FrozenRows(rows)
-            self._frozen_rows.install_grad_hooks()
-
-    # ---- a model's life after training: add, keep, train only some tasks --------------------------------------
-
-    @property
-    def frozen_rows(self) -> FrozenRows | None:
-        """With `set_train_tasks`, the rows of the current stage's trainable parameters that belong to other tasks:
-        their gradients are zeroed, and `frozen_rows.attach(optimizer)` (which `AlterTrainer` calls) restores them
-        after every optimizer step, so weight decay cannot move them either."""
-        return self._frozen_rows
-
-    def set_train_tasks(self, names) -> None:
-        """Trains only the tasks `names` (e.g. tasks just added with `add_tasks`), or every task again with `None`.
-
-        Stage 1 then trains exactly those tasks' adapters (never the backbone), stage 2 exactly their task-embedding
-        rows; every other task's outputs stay bit-identical. Applies to the current stage at once and to later
-        `set_stage` calls."""
-        if names is not None:
-            names = [names] if isinstance(names, str) else list(names)
-            if not names:
-                raise ValueError(
-                    f"train_tasks needs at least one task name (or None); tasks: {self.config.task_names}.")
-            self.task_ids(names)  # names the known tasks in its error for an unknown one
-        self._train_task_names = None if names is None else tuple(names)
-        self.set_stage(self.config.stage)
-
-    @property
-    def train_tasks(self) -> tuple[str, ...] | None:
-        """The tasks `set_train_tasks` restricted training to (None: all)."""
-        return self._train_task_names
-
-    def add_tasks(self, names, init_from=None) -> None:
-        """Adds tasks in place: for each new name, a task adapter in every MTA module (a copy of `init_from`'s, or a
-        fresh one whose up-projection is zero, so it starts as the backbone alone), a task-embedding row and a gate
-        column; `config.task_names` grows at the end, so existing task ids keep their values.
-
-        `init_from`: `None`, an existing task name for every new task, or one entry per new task. Existing tasks and
-        the unknown-task route get a blocked gate logit (`mta.BLOCKED_GATE_LOGIT`) for the new adapters, so their
-        outputs in stage 1 and stage 2 stay what they were; a new task's gate sees every older adapter and its own.
-        Follow with `set_train_tasks(names)` to train only the new tasks (a stage-2 model: a short stage 1, then a
-        short stage 2 of their embedding rows)."""
-        keep, added = plan_task_changes(self.config.task_names, add=names, init_from=init_from)
-        if not added:
-            raise ValueError("add_tasks needs at least one new task name.")
-        new_names = [names] if isinstance(names, str) else list(names)
-        self._remap_tasks(keep, added, list(self.config.task_names) + new_names)
-
-    def keep_tasks(self, names) -> "AlterForConditionalGeneration":
-        """Returns a new, smaller model with only the tasks `names` (in that order; ids are re-numbered by it). This
-        model is not changed.
-
-        Stage 1: each kept task's outputs are exactly what they were. Stage 2: each token's gate is the old softmax
-        restricted to the kept task adapters and the shared adapters and renormalised to sum to 1 (the dropped
-        adapters' weight is spread proportionally over the kept ones), i.e. exactly the old model with the dropped
-        adapters' gate logits at minus infinity; an integer `router_top_k` is capped at the new number of adapters
-        (`"auto"` re-resolves for it)."""
-        keep, _ = plan_task_changes(self.config.task_names, keep=names)
-        frozen, self._frozen_rows = self._frozen_rows, None
-        if frozen is not None:
-            frozen.remove()  # hooks do not deep-copy
-        try:
-            model = copy.deepcopy(self)
-        finally:
-            if frozen is not None:
-                self._frozen_rows = frozen
-                frozen.install_grad_hooks()
-        names = [self.config.task_names[i] for i in keep]
-        train = self._train_task_names
-        kept_train = tuple(t for t in train if t in names) if train is not None else ()
-        model._train_task_names = kept_train or None
-        model._remap_tasks(keep, [], names)
-        return model
-
-    def _remap_tasks(self, keep, added, new_names) -> None:
-        std = self.config.initializer_factor * self.config.d_model**-0.5
-        num_adapters = len(new_names) + self.config.num_shared_adapters
-        top_k = self.config.router_top_k
-        if top_k is not None and top_k != "auto":
-            top_k = self.config.router_top_k = min(top_k, num_adapters)
-        for module in self.mta_modules().values():
-            remap_mta_tasks(module, keep, added, std, resolve_top_k(top_k, num_adapters))
-        self.config.task_names = list(new_names)
-        if self.config.task_prefixes:
-            prefixes = {k: v for k, v in self.config.task_prefixes.items() if k in new_names}
-            ids = self.config.task_prefix_ids
-            self.config.task_prefixes = prefixes or None
-            self.config.task_prefix_ids = {k: v for k, v in ids.items() if k in prefixes} if ids and prefixes else None
-        self.set_stage(self.config.stage)
-
-    # ---- routing by prompt prefix: `set_task_prefixes`, `infer_task_ids`, `generate` (see `PrefixRoutingMixin`) ----
 
     # ---- conversion ---------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ names are those of `LlamaForCausalLM` / `Qwen2ForCausalLM` / ... and a converted
 writes only the layer's residual wiring (the Llama pre-norm layout), where the MTA outputs are added. Routing reaches
 every MTA module through an explicit `TaskRouting` argument built once per forward; no module keeps routing state
 between calls. With `config.task_prefixes` set, `forward` and `generate` infer each example's task from its prompt's
-prefix (`mta.PrefixRoutingMixin`, shared with the T5 family). This file imports only torch, transformers,
+prefix (`mta.AlterTasksMixin`, shared with the T5 family). This file imports only torch, transformers,
 `configuration_alter_causal` and `mta`.
 """
 
@@ -30,7 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .configuration_alter_causal import SUPPORTED_BACKBONES, AlterCausalConfig, backbone_field_names
-from .mta import AlterMTA, PrefixRoutingMixin, build_routing, check_stage, init_mta_weights, stage_trainable_names
+from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
 
 # Each family: its decoder layer (only its four sublayers are used), final norm and rotary embedding.
 BACKBONE_MODULES = {
@@ -147,9 +147,12 @@ class AlterCausalPreTrainedModel(PreTrainedModel):
         loaded.set_stage(loaded.config.stage)
         return model
 
+    def _mta_init_std(self) -> float:
+        return self.config.initializer_range
+
     def _init_weights(self, module):
         if isinstance(module, AlterMTA):
-            init_mta_weights(module, std=self.config.initializer_range)
+            init_mta_weights(module, std=self._mta_init_std())
         else:  # the backbone's linears, embeddings, RMSNorms and rotary buffers, as Transformers initialises them
             super()._init_weights(module)
 
@@ -266,7 +269,7 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         )
 
 
-class AlterForCausalLM(PrefixRoutingMixin, AlterCausalPreTrainedModel, GenerationMixin):
+class AlterForCausalLM(AlterTasksMixin, AlterCausalPreTrainedModel, GenerationMixin):
     r"""
     A Llama-family decoder-only LM (Llama, Qwen2, Qwen3, Mistral) with a Mixture-of-Task-Adapters in every decoder
     layer, trained in two stages (see `set_stage`). Convert a checkpoint with `from_causal_lm`.
@@ -306,34 +309,6 @@ class AlterForCausalLM(PrefixRoutingMixin, AlterCausalPreTrainedModel, Generatio
 
     def get_decoder(self):
         return self.model
-
-    # ---- tasks and stages -------------------------------------------------------------------------------------
-
-    def task_ids(self, names) -> torch.LongTensor:
-        """Maps task names (a list, or one name) to a LongTensor `[len(names)]` of task ids on the model's device."""
-        if isinstance(names, str):
-            names = [names]
-        index = {name: i for i, name in enumerate(self.config.task_names)}
-        unknown = [name for name in names if name not in index]
-        if unknown:
-            raise ValueError(f"Unknown task name(s) {unknown}; this model knows {self.config.task_names}.")
-        return torch.tensor([index[name] for name in names], dtype=torch.long, device=self.device)
-
-    def mta_modules(self) -> dict[str, AlterMTA]:
-        """Every MTA module by its parameter-path name, in layer order (the order of `routing_weights`)."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, AlterMTA)}
-
-    def trainable_parameter_names(self, stage: int) -> set[str]:
-        """Names of the parameters that train in `stage` (1 or 2)."""
-        return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
-
-    def set_stage(self, stage: int) -> None:
-        """Sets `config.stage` and makes exactly that stage's parameters trainable (the rest frozen)."""
-        check_stage(stage)
-        self.config.stage = stage
-        trainable = self.trainable_parameter_names(stage)
-        for name, param in self.named_parameters():
-            param.requires_grad_(name in trainable)
 
     # ---- conversion ---------------------------------------------------------------------------------------------
 

@@ -15,10 +15,12 @@ module keeps routing state between calls. The module reads from its config only 
 `adapter_activation`, `num_tasks`, `num_shared_adapters`, `num_adapters` and `router_top_k`, so any backbone's
 config that has these fields can carry it.
 
-`PrefixRoutingMixin` gives every ALTER model family routing by input prefix (`set_task_prefixes`, `infer_task_ids` and
-a `generate` that infers the tasks once). This file imports only torch, transformers and `configuration_mta`.
+`AlterTasksMixin` gives every ALTER model family its task and stage methods (`task_ids`, `set_stage`, `add_tasks`,
+`keep_tasks`, `set_train_tasks`) and routing by input prefix (`set_task_prefixes`, `infer_task_ids` and a `generate`
+that infers the tasks once). This file imports only torch, transformers and `configuration_mta`.
 """
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -647,18 +649,170 @@ def prefix_matcher_for(config) -> PrefixMatcher:
     return PrefixMatcher([config.task_prefix_ids.get(name, []) for name in config.task_names])
 
 
-class PrefixRoutingMixin:
-    """Routing by input prefix for an ALTER model (a `PreTrainedModel` with `GenerationMixin`, placed before them in
-    the bases): `set_task_prefixes`, `infer_task_ids`, and a `generate` that, without `task_ids` and with
-    `config.task_prefixes` set, infers each example's task once from its input and passes it as `task_ids` (so every
-    decoding step, beam and returned sequence uses it). The model's `forward` calls `infer_task_ids` itself when it
-    gets `task_ids=None` on a fresh input.
+class AlterTasksMixin:
+    """What an ALTER model of any backbone family does with its tasks and stages (a `PreTrainedModel` with
+    `GenerationMixin` whose MTA modules are `AlterMTA`s; placed before them in the bases). The model defines
+    `_mta_init_std()`, the standard deviation its `_init_weights` gives new down-projections.
+
+    - Tasks and stages: `task_ids`, `mta_modules`, `task_adapter_banks`, `trainable_parameter_names`, `set_stage`.
+    - A model's life after training: `add_tasks`, `keep_tasks`, `set_train_tasks` / `train_tasks` / `frozen_rows`.
+    - Routing by input prefix: `set_task_prefixes`, `infer_task_ids`, and a `generate` that, without `task_ids` and
+      with `config.task_prefixes` set, infers each example's task once from its input and passes it as `task_ids` (so
+      every decoding step, beam and returned sequence uses it). The model's `forward` calls `infer_task_ids` itself
+      when it gets `task_ids=None` on a fresh input.
 
     `prefix_skip_bos = True` (decoder-only models): a leading `config.bos_token_id` is skipped before matching, so a
     tokenizer that adds BOS (Llama) and one that does not route the same prompt alike; the prefix ids never hold BOS.
     """
 
+    _train_task_names = None  # see `set_train_tasks`
+    _frozen_rows = None
+    _prefix_matcher = None  # ((task names, task_prefix_ids) at build time, PrefixMatcher)
     prefix_skip_bos = False
+
+    # ---- tasks and stages -------------------------------------------------------------------------------------
+
+    def task_ids(self, names) -> torch.LongTensor:
+        """Maps task names (a list, or one name) to a LongTensor of task ids on the model's device."""
+        if isinstance(names, str):
+            names = [names]
+        index = {name: i for i, name in enumerate(self.config.task_names)}
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise ValueError(f"Unknown task name(s) {unknown}; this model knows {self.config.task_names}.")
+        return torch.tensor([index[name] for name in names], dtype=torch.long, device=self.device)
+
+    def mta_modules(self) -> dict[str, AlterMTA]:
+        """Every MTA module by its parameter-path name, encoder first (the order of `routing_weights`)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, AlterMTA)}
+
+    def task_adapter_banks(self) -> list[nn.Parameter]:
+        """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] of every MTA module), whose
+        row t is task t's: a batch trains only the rows of its tasks (see `optim.RowSparseAdamW`)."""
+        return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up, m.task_linear)
+                if p is not None]
+
+    def trainable_parameter_names(self, stage: int) -> set[str]:
+        """Names of the parameters that train in `stage` (1 or 2). With `set_train_tasks(names)`, only the MTA
+        parameters that hold rows of those tasks: the task adapters in stage 1, the task embeddings in stage 2 (their
+        other rows are kept frozen, see `frozen_rows`)."""
+        if self._train_task_names is None:
+            return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
+        check_stage(stage)
+        leaves = TASK_ADAPTER_PARAMETERS if stage == 1 else ("task_embedding.weight",)
+        return {name for name, _ in self.named_parameters() if ".mta." in f".{name}" and name.endswith(leaves)}
+
+    def set_stage(self, stage: int) -> None:
+        """Sets `config.stage` and makes exactly that stage's parameters trainable (the rest frozen)."""
+        check_stage(stage)
+        self.config.stage = stage
+        trainable = self.trainable_parameter_names(stage)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+        if self._frozen_rows is not None:
+            self._frozen_rows.remove()
+            self._frozen_rows = None
+        if self._train_task_names is not None:
+            train = set(self.task_ids(list(self._train_task_names)).tolist())
+            rows = {}
+            for module in self.mta_modules().values():
+                # stage 1: rows of the task adapters; stage 2: rows of the task embedding (the last: unknown task)
+                params = (module.task_down, module.task_up, module.task_linear) if stage == 1 else (
+                    module.task_embedding.weight,)
+                for param in (p for p in params if p is not None):
+                    frozen = [i for i in range(param.shape[0]) if i not in train]
+                    rows[param] = torch.tensor(frozen, dtype=torch.long, device=param.device)
+            self._frozen_rows = FrozenRows(rows)
+            self._frozen_rows.install_grad_hooks()
+
+    # ---- a model's life after training: add, keep, train only some tasks --------------------------------------
+
+    @property
+    def frozen_rows(self) -> FrozenRows | None:
+        """With `set_train_tasks`, the rows of the current stage's trainable parameters that belong to other tasks:
+        their gradients are zeroed, and `frozen_rows.attach(optimizer)` (which `AlterTrainer` calls) restores them
+        after every optimizer step, so weight decay cannot move them either."""
+        return self._frozen_rows
+
+    def set_train_tasks(self, names) -> None:
+        """Trains only the tasks `names` (e.g. tasks just added with `add_tasks`), or every task again with `None`.
+
+        Stage 1 then trains exactly those tasks' adapters (never the backbone), stage 2 exactly their task-embedding
+        rows; every other task's outputs stay bit-identical. Applies to the current stage at once and to later
+        `set_stage` calls."""
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            if not names:
+                raise ValueError(
+                    f"train_tasks needs at least one task name (or None); tasks: {self.config.task_names}.")
+            self.task_ids(names)  # names the known tasks in its error for an unknown one
+        self._train_task_names = None if names is None else tuple(names)
+        self.set_stage(self.config.stage)
+
+    @property
+    def train_tasks(self) -> tuple[str, ...] | None:
+        """The tasks `set_train_tasks` restricted training to (None: all)."""
+        return self._train_task_names
+
+    def add_tasks(self, names, init_from=None) -> None:
+        """Adds tasks in place: for each new name, a task adapter in every MTA module (a copy of `init_from`'s, or a
+        fresh one whose up-projection is zero, so it starts as the backbone alone), a task-embedding row and a gate
+        column; `config.task_names` grows at the end, so existing task ids keep their values.
+
+        `init_from`: `None`, an existing task name for every new task, or one entry per new task. Existing tasks and
+        the unknown-task route get a blocked gate logit (`mta.BLOCKED_GATE_LOGIT`) for the new adapters, so their
+        outputs in stage 1 and stage 2 stay what they were; a new task's gate sees every older adapter and its own.
+        Follow with `set_train_tasks(names)` to train only the new tasks (a stage-2 model: a short stage 1, then a
+        short stage 2 of their embedding rows)."""
+        keep, added = plan_task_changes(self.config.task_names, add=names, init_from=init_from)
+        if not added:
+            raise ValueError("add_tasks needs at least one new task name.")
+        new_names = [names] if isinstance(names, str) else list(names)
+        self._remap_tasks(keep, added, list(self.config.task_names) + new_names)
+
+    def keep_tasks(self, names):
+        """Returns a new, smaller model with only the tasks `names` (in that order; ids are re-numbered by it). This
+        model is not changed.
+
+        Stage 1: each kept task's outputs are exactly what they were. Stage 2: each token's gate is the old softmax
+        restricted to the kept task adapters and the shared adapters and renormalised to sum to 1 (the dropped
+        adapters' weight is spread proportionally over the kept ones), i.e. exactly the old model with the dropped
+        adapters' gate logits at minus infinity; an integer `router_top_k` is capped at the new number of adapters
+        (`"auto"` re-resolves for it)."""
+        keep, _ = plan_task_changes(self.config.task_names, keep=names)
+        frozen, self._frozen_rows = self._frozen_rows, None
+        if frozen is not None:
+            frozen.remove()  # hooks do not deep-copy
+        try:
+            model = copy.deepcopy(self)
+        finally:
+            if frozen is not None:
+                self._frozen_rows = frozen
+                frozen.install_grad_hooks()
+        names = [self.config.task_names[i] for i in keep]
+        train = self._train_task_names
+        kept_train = tuple(t for t in train if t in names) if train is not None else ()
+        model._train_task_names = kept_train or None
+        model._remap_tasks(keep, [], names)
+        return model
+
+    def _remap_tasks(self, keep, added, new_names) -> None:
+        std = self._mta_init_std()
+        num_adapters = len(new_names) + self.config.num_shared_adapters
+        top_k = self.config.router_top_k
+        if top_k is not None and top_k != "auto":
+            top_k = self.config.router_top_k = min(top_k, num_adapters)
+        for module in self.mta_modules().values():
+            remap_mta_tasks(module, keep, added, std, resolve_top_k(top_k, num_adapters))
+        self.config.task_names = list(new_names)
+        if self.config.task_prefixes:
+            prefixes = {k: v for k, v in self.config.task_prefixes.items() if k in new_names}
+            ids = self.config.task_prefix_ids
+            self.config.task_prefixes = prefixes or None
+            self.config.task_prefix_ids = {k: v for k, v in ids.items() if k in prefixes} if ids and prefixes else None
+        self.set_stage(self.config.stage)
+
+    # ---- routing by input prefix ----------------------------------------------------------------------------
 
     def _prefix_skip_token_id(self):
         return getattr(self.config, "bos_token_id", None) if self.prefix_skip_bos else None
@@ -686,8 +840,6 @@ class PrefixRoutingMixin:
         """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
         prefix, counted from its first attended token (after a leading BOS for decoder-only models). An unmatched
         example gets the unknown task (`num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
-        import copy
-
         key = (tuple(self.config.task_names), copy.deepcopy(self.config.task_prefix_ids))
         cached = getattr(self, "_prefix_matcher", None)
         if cached is None or cached[0] != key:
@@ -705,5 +857,5 @@ class PrefixRoutingMixin:
 
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
            "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher",
-           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "PrefixRoutingMixin", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
+           "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "AlterTasksMixin", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
            "check_stage"]

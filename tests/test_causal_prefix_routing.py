@@ -7,7 +7,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast, pipeline
 
-from causal_utils import PAD, TASKS, randomize_adapters, tiny_causal_lm
+from causal_utils import PAD, TASKS, left_padded_batch, randomize_adapters, tiny_causal_alter, tiny_causal_lm
 from modeling_alter import AlterCausalConfig, AlterConfig, AlterForCausalLM
 
 BOS = 2
@@ -180,3 +180,29 @@ def test_pipeline_routes_by_prompt_prefix_with_no_kwargs(kind, tmp_path):
             assert routed == explicit and routed != wrong, (prompt, routed, wrong)
     with pytest.raises(ValueError, match="start with none of the task prefixes"):
         generator("no prefix\n", **options)
+
+
+def test_causal_model_adds_and_keeps_tasks_like_t5():
+    """The task lifecycle (`mta.AlterTasksMixin`) is shared: adding a task leaves every old task's stage-1 logits
+    bit-identical, training only the new task touches only its adapters, and keep_tasks keeps a task's outputs."""
+    model = tiny_causal_alter(stage=1)
+    batch = left_padded_batch()
+    old_ids = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        before = model(**batch, task_ids=old_ids).logits
+    model.add_tasks(["legal_qa"], init_from="topic")
+    assert model.config.task_names == [*TASKS, "legal_qa"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, task_ids=old_ids).logits, before, atol=0, rtol=0)
+        copied = model(**batch, task_ids=model.task_ids(["legal_qa"] * 4)).logits
+        topic = model(**batch, task_ids=model.task_ids(["topic"] * 4)).logits
+    torch.testing.assert_close(copied, topic, atol=0, rtol=0)  # a copy of `topic`'s adapter computes what it does
+    model.set_train_tasks(["legal_qa"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mta." in name and name.rsplit(".", 1)[-1] in ("task_down", "task_up")
+                             for name in trainable)
+    kept = model.keep_tasks(["reverse"])
+    assert kept.config.task_names == ["reverse"]
+    with torch.no_grad():
+        torch.testing.assert_close(kept(**batch, task_ids=torch.zeros(4, dtype=torch.long)).logits,
+                                   model(**batch, task_ids=model.task_ids(["reverse"] * 4)).logits, atol=0, rtol=0)
