@@ -406,11 +406,23 @@ def _relative_position_bucket(relative_position, bidirectional=True, num_buckets
     return buckets + torch.where(is_small, relative_position, large)
 
 
+def _clamp_fp16(hidden_states):
+    """T5's half-precision guard: in float16, clamps values to the finite range (a little below it when some
+    overflowed to inf), so that an overflowing sublayer does not turn the next layer norm into NaN."""
+    if hidden_states.dtype == torch.float16:
+        finite_max = torch.finfo(torch.float16).max
+        clamp_value = torch.where(torch.isinf(hidden_states).any(), finite_max - 1000, finite_max)
+        hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+    return hidden_states
+
+
 def _with_mta(mta, u, sublayer_out, routing):
     if mta is None:
         return sublayer_out, None
     adapter_out, stats = mta(u, routing)
-    return sublayer_out + adapter_out, stats
+    # An overflowing adapter must not meet an overflowing sublayer of the other sign (inf - inf = NaN); the sum
+    # itself is clamped after the residual, where T5 clamps.
+    return sublayer_out + _clamp_fp16(adapter_out), stats
 
 
 class AlterLayerSelfAttention(nn.Module):
@@ -472,12 +484,15 @@ class AlterBlock(nn.Module):
     def forward(self, hidden_states, self_bias, routing, encoder_hidden_states=None, cross_bias=None, cache=None,
                 output_attentions=False):
         hidden_states, self_weights, self_stats = self.layer[0](hidden_states, self_bias, routing, cache, output_attentions)
+        hidden_states = _clamp_fp16(hidden_states)  # after every sublayer, where T5 clamps
         cross_weights, cross_stats = None, None
         if self.is_decoder:
             hidden_states, cross_weights, cross_stats = self.layer[1](
                 hidden_states, encoder_hidden_states, cross_bias, routing, cache, output_attentions
             )
+            hidden_states = _clamp_fp16(hidden_states)
         hidden_states, ff_stats = self.layer[-1](hidden_states, routing)
+        hidden_states = _clamp_fp16(hidden_states)
         stats = tuple(s for s in (self_stats, cross_stats, ff_stats) if s is not None)
         return hidden_states, self_weights, cross_weights, stats
 
