@@ -80,8 +80,10 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
        fraction of the stage-2 steps (a number < 1), and
     5. logs the number of trainable and frozen parameters.
 
-    Use it through [`AlterTrainer`], which creates it from its [`AlterTrainingArguments`] (or takes the one passed in
-    `callbacks`); it needs the trainer to rebuild the optimizer and is bound to it by `AlterTrainer`.
+    Use it through [`AlterTrainer`], which creates it from its [`AlterTrainingArguments`], or takes the one passed in
+    `callbacks` (then plain `Seq2SeqTrainingArguments` work too, and settings given both here and in
+    `AlterTrainingArguments` must agree, see `merge_args`); it needs the trainer to rebuild the optimizer and is bound
+    to it by `AlterTrainer`.
 
     Args:
         stage1_steps (`int`, *optional*):
@@ -141,6 +143,55 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             stage2_warmup_steps=args.stage2_warmup_steps,
             stage2_lr_scheduler_type=args.stage2_lr_scheduler_type,
             eval_on_switch=args.eval_on_stage_switch,
+        )
+
+    # (name in AlterTrainingArguments, attribute of the callback) of every stage setting
+    SETTINGS = (
+        ("stage1_steps", "stage1_steps"),
+        ("stage1_epochs", "stage1_epochs"),
+        ("stage2_learning_rate", "stage2_learning_rate"),
+        ("stage2_warmup_steps", "stage2_warmup_steps"),
+        ("stage2_lr_scheduler_type", "stage2_lr_scheduler_type"),
+        ("eval_on_stage_switch", "eval_on_switch"),
+    )
+    DEFAULTS = {
+        "stage1_steps": None,
+        "stage1_epochs": None,
+        "stage2_learning_rate": None,
+        "stage2_warmup_steps": 0,
+        "stage2_lr_scheduler_type": None,
+        "eval_on_switch": True,
+    }
+
+    def merge_args(self, args) -> None:
+        """
+        Makes this callback the one source of truth for the stage settings when both it and the training arguments
+        (an `AlterTrainingArguments`) carry them: a setting left at its default on one side takes the other side's
+        value; a setting given on both sides with different values raises a `ValueError` naming both. Arguments
+        without stage settings (a plain `Seq2SeqTrainingArguments`) change nothing.
+        """
+        from .trainer import AlterTrainingArguments  # the field defaults; imported here to avoid an import cycle
+
+        arg_defaults = {f.name: f.default for f in AlterTrainingArguments.__dataclass_fields__.values()}
+        for arg_name, attribute in self.SETTINGS:
+            if not hasattr(args, arg_name):
+                continue
+            value = getattr(args, arg_name)
+            if arg_name == "stage2_lr_scheduler_type" and value is not None:
+                value = SchedulerType(value).value
+            if value == arg_defaults[arg_name]:
+                continue
+            mine = getattr(self, attribute)
+            if mine != self.DEFAULTS[attribute] and mine != value:
+                raise ValueError(
+                    f"The StageSwitchCallback sets {attribute}={mine!r} but the training arguments set "
+                    f"{arg_name}={value!r}: give each stage setting in one place (the callback or "
+                    "AlterTrainingArguments), or the same value in both."
+                )
+            setattr(self, attribute, value)
+        validate_stage_arguments(
+            self.stage1_steps, self.stage1_epochs, self.stage2_learning_rate, self.stage2_warmup_steps,
+            self.stage2_lr_scheduler_type,
         )
 
     @property

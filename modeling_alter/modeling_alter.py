@@ -584,8 +584,7 @@ class AlterStack(nn.Module):
                 all_hidden.append(hidden_states)
             args = (hidden_states, self_bias, routing, encoder_hidden_states, cross_bias, cache, bool(output_attentions))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant, so gradients reach adapters even when the frozen backbone's inputs need none.
-                hidden_states, self_w, cross_w, stats = checkpoint(block, *args, use_reentrant=False)
+                hidden_states, self_w, cross_w, stats = _checkpointed(self, block, args)
             else:
                 hidden_states, self_w, cross_w, stats = block(*args)
             all_self.append(self_w)
@@ -606,6 +605,21 @@ class AlterStack(nn.Module):
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
         return output
+
+
+def _checkpointed(stack, block, args):
+    """Runs `block(*args)` through the checkpoint function that `gradient_checkpointing_enable` set (with the user's
+    `gradient_checkpointing_kwargs`), non-reentrant so that gradients reach adapters behind a frozen backbone."""
+    function = getattr(stack, "_gradient_checkpointing_func", None)
+    if function is None:
+        return checkpoint(block, *args, use_reentrant=False)
+    keywords = getattr(function, "keywords", None) or {}
+    if keywords.get("use_reentrant"):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ALTER: reentrant checkpointing "
+            "loses the gradient of the router's load-balancing loss; use {'use_reentrant': False} (the default)."
+        )
+    return function(block, *args, **({} if "use_reentrant" in keywords else {"use_reentrant": False}))
 
 
 def _build_routing(config, task_ids, batch_size, token_mask, output_stats, unknown_allowed, device=None):
@@ -916,6 +930,12 @@ class AlterForConditionalGeneration(AlterPreTrainedModel, GenerationMixin):
 
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+        if decoder_inputs_embeds is None and decoder_input_ids is None:
+            raise ValueError(
+                "AlterForConditionalGeneration.forward got no decoder inputs: pass `labels` (the decoder inputs are "
+                "made from them), `decoder_input_ids` or `decoder_inputs_embeds`; to predict without targets, use "
+                "`generate()` (with Seq2SeqTrainer: predict_with_generate=True and no `labels` key in the batch)."
+            )
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.shared(decoder_input_ids)
         if use_cache and cache is None:

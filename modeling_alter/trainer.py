@@ -123,6 +123,31 @@ class AlterTrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
 
 
+def _alter_setting(args, name):
+    """An ALTER field of the training arguments, or its `AlterTrainingArguments` default for plain
+    `Seq2SeqTrainingArguments`."""
+    return getattr(args, name, AlterTrainingArguments.__dataclass_fields__[name].default)
+
+
+def _check_supported_options(args) -> None:
+    """Raises a `ValueError` naming a `Seq2SeqTrainingArguments` option that ALTER cannot honour."""
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = getattr(args, name, None)
+        if not isinstance(kwargs, dict):
+            continue
+        if kwargs.get("use_reentrant"):
+            raise ValueError(
+                f"{name}={kwargs!r} is not supported by ALTER: reentrant checkpointing loses the gradient of the "
+                "router's load-balancing loss and needs every block input to require grad. Use "
+                "{'use_reentrant': False} (the default); the other torch.utils.checkpoint options are honoured."
+            )
+        if kwargs.get("every_n_layers", 1) != 1:
+            raise ValueError(
+                f"{name}={kwargs!r}: every_n_layers={kwargs['every_n_layers']!r} is not supported by ALTER, which "
+                "checkpoints every block of the encoder and decoder; leave it out (or 1)."
+            )
+
+
 class RoutingStatistics:
     """
     Accumulates, per task and MTA module, the mean gate weight of every adapter and the mean routing entropy, from
@@ -329,10 +354,22 @@ class AlterTrainer(Seq2SeqTrainer):
     ):
         if args is None:
             args = AlterTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, AlterTrainingArguments):
+        if not isinstance(args, Seq2SeqTrainingArguments):
             raise ValueError(
-                f"AlterTrainer needs AlterTrainingArguments (with the stage settings), got {type(args).__name__}."
+                "AlterTrainer needs AlterTrainingArguments, or Seq2SeqTrainingArguments with the stage settings in a "
+                f"StageSwitchCallback, got {type(args).__name__}."
             )
+        if not isinstance(args, AlterTrainingArguments):
+            # ALTER needs DDP to find unused parameters (see AlterTrainingArguments); the other ALTER settings take
+            # their AlterTrainingArguments defaults.
+            if args.ddp_find_unused_parameters is None:
+                args.ddp_find_unused_parameters = True
+            elif not args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "ddp_find_unused_parameters=False is not valid for ALTER: a batch trains only the task adapters "
+                    "of the tasks it contains, and each stage freezes part of the model."
+                )
+        _check_supported_options(args)
         if model_init is not None:
             raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
         if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
@@ -345,19 +382,21 @@ class AlterTrainer(Seq2SeqTrainer):
         if data_collator is None and processing_class is not None and hasattr(processing_class, "pad"):
             from .data import MultiTaskDataCollator
 
-            data_collator = MultiTaskDataCollator(processing_class)
+            # With the model, `decoder_input_ids` come from the labels (as `DataCollatorForSeq2Seq(tok, model=...)`
+            # makes them), so the forward still has decoder inputs when Trainer takes the labels out of the batch
+            # (label smoothing, `compute_loss_func`).
+            data_collator = MultiTaskDataCollator(processing_class, model=model)
         self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
         callbacks = list(callbacks or [])
         given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]
         if len(given) > 1:
             raise ValueError(f"Pass at most one StageSwitchCallback, got {len(given)}.")
-        if given and (args.stage1_steps is not None or args.stage1_epochs is not None):
-            raise ValueError(
-                f"A StageSwitchCallback was passed and args also set stage1_steps={args.stage1_steps!r} / "
-                f"stage1_epochs={args.stage1_epochs!r}: configure the switch in one place."
+        if given:
+            given[0].merge_args(args)  # the callback becomes the one source of truth; disagreements raise
+        else:
+            callbacks.append(
+                StageSwitchCallback.from_args(args) if isinstance(args, AlterTrainingArguments) else StageSwitchCallback()
             )
-        if not given:
-            callbacks.append(StageSwitchCallback.from_args(args))
         super().__init__(
             model=model,
             args=args,
@@ -490,7 +529,7 @@ class AlterTrainer(Seq2SeqTrainer):
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
-        if self.args.save_routing_heatmap:
+        if _alter_setting(self.args, "save_routing_heatmap"):
             self.save_routing_report(self.args.output_dir)
         return output
 
@@ -613,7 +652,25 @@ class AlterTrainer(Seq2SeqTrainer):
     # ---- loss and logs ------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """
+        [`Trainer.compute_loss`]. When Trainer takes the labels out of the batch (label smoothing,
+        `compute_loss_func`), the decoder inputs are made from them first if the collator did not make them, and with
+        label smoothing the router's load-balancing loss is added as the model adds it to its own loss.
+        """
+        labels = inputs.get("labels")
+        takes_labels = self.label_smoother is not None or self.compute_loss_func is not None
+        if takes_labels and labels is not None and "decoder_input_ids" not in inputs and (
+            "decoder_inputs_embeds" not in inputs
+        ):
+            inputs = {**inputs, "decoder_input_ids": self.alter_model.prepare_decoder_input_ids_from_labels(labels)}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        coef = self.alter_model.config.router_aux_loss_coef
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if self.label_smoother is not None and self.compute_loss_func is None and labels is not None and (
+            aux is not None and coef > 0
+        ):
+            weight = 1.0 if num_items_in_batch is None else (labels != -100).sum().to(aux.device) / num_items_in_batch
+            loss = loss + coef * aux * weight
         if model.training:
             self._last_train_stage = self.alter_model.config.stage
             aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
@@ -778,8 +835,9 @@ class AlterTrainer(Seq2SeqTrainer):
             dataset = self.eval_dataset
         if dataset is None:
             dataset = self.train_dataset
-            if dataset is not None and hasattr(dataset, "select") and len(dataset) > self.args.routing_max_samples:
-                dataset = dataset.select(range(self.args.routing_max_samples))
+            limit = _alter_setting(self.args, "routing_max_samples")
+            if dataset is not None and hasattr(dataset, "select") and len(dataset) > limit:
+                dataset = dataset.select(range(limit))
         if dataset is None:
             raise ValueError("compute_routing_statistics needs a dataset: the trainer has no evaluation or training set.")
         datasets = dataset if isinstance(dataset, dict) else {"all": dataset}
