@@ -333,6 +333,17 @@ class PrintStage1Table(TrainerCallback):
             print("\n" + markdown_table(title, metrics, self.task_metrics) + "\n", flush=True)
 
 
+def _checked_metrics(given: dict[str, str], tasks: list[str]) -> dict[str, str]:
+    """`--task_metrics` checked before any work: known tasks, known metrics."""
+    unknown = sorted(set(given) - set(tasks))
+    if unknown:
+        raise UsageError(f"--task_metrics names tasks {unknown} that are not trained; tasks: {sorted(tasks)}.")
+    for task, metric in given.items():
+        if metric not in METRICS:
+            raise UsageError(f"--task_metrics {task}={metric}: unknown metric {metric!r}; expected one of {sorted(METRICS)}.")
+    return given
+
+
 def load_data(data_args: DataArguments):
     """Returns (train specs, eval specs, task metrics): the user's files, or the synthetic benchmark."""
     if not data_args.train_files:
@@ -342,7 +353,7 @@ def load_data(data_args: DataArguments):
             data_args.num_train_per_task, data_args.num_eval_per_task, seed=data_args.synthetic_seed
         )
         metrics = {task: default_metric_for_task[task] for task in train}
-        metrics.update(parse_task_pairs(data_args.task_metrics, "--task_metrics"))
+        metrics.update(_checked_metrics(parse_task_pairs(data_args.task_metrics, "--task_metrics"), list(train)))
         return train, evaluation, metrics
     train = parse_task_pairs(data_args.train_files, "--train_files")
     evaluation = parse_task_pairs(data_args.eval_files, "--eval_files")
@@ -350,11 +361,7 @@ def load_data(data_args: DataArguments):
     if unknown:
         raise ValueError(f"--eval_files names tasks {unknown} that have no --train_files; tasks: {sorted(train)}.")
     metrics = {task: "exact_match" for task in train}
-    given = parse_task_pairs(data_args.task_metrics, "--task_metrics")
-    unknown = sorted(set(given) - set(train))
-    if unknown:
-        raise ValueError(f"--task_metrics names tasks {unknown} that have no --train_files; tasks: {sorted(train)}.")
-    metrics.update(given)
+    metrics.update(_checked_metrics(parse_task_pairs(data_args.task_metrics, "--task_metrics"), list(train)))
     for task, path in {**train, **evaluation}.items():
         if not Path(path).is_file():
             raise ValueError(f"The data file of task {task!r} does not exist: {path}.")

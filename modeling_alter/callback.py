@@ -132,6 +132,7 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
         self.stage1_metrics = None
         self.planned_switch_step = None
         self._trainer = None
+        self._pending_report = None
 
     @classmethod
     def from_args(cls, args) -> "StageSwitchCallback":
@@ -277,12 +278,25 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             # The evaluation and the log line of the switch go through the trainer's callbacks, which reset the
             # control flags that the step's own logging, evaluation and saving depend on: keep them.
             flags = (control.should_log, control.should_evaluate, control.should_save)
-            self.switch(state)
+            self.switch(state, defer_report=True)
             control.should_log, control.should_evaluate, control.should_save = flags
         return control
 
-    def switch(self, state) -> None:
-        """Performs the switch to stage 2 at the current step (see the class docstring)."""
+    def on_train_end(self, args, state, control, **kwargs):
+        self.report_switch()
+
+    def report_switch(self) -> None:
+        """Logs the switch's line and parameter counts if `switch(..., defer_report=True)` left them pending.
+        `AlterTrainer` calls it after the step's own log line, which belongs to stage 1."""
+        pending, self._pending_report = getattr(self, "_pending_report", None), None
+        if pending is not None and self._trainer is not None:
+            message, logs = pending
+            logger.info(message)
+            self._trainer.log(logs)
+
+    def switch(self, state, defer_report: bool = False) -> None:
+        """Performs the switch to stage 2 at the current step (see the class docstring). With `defer_report`, the
+        log line of the switch waits for `report_switch` (after the last stage-1 step's own log line)."""
         trainer = self._trainer
         if trainer is None:
             raise ValueError("StageSwitchCallback.switch needs a trainer: use the callback through AlterTrainer.")
@@ -304,14 +318,14 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             f"{len(trainable)} tensors (gate, task embeddings, shared adapters), {num_total - num_trainable:,} "
             f"frozen; new optimizer and learning-rate schedule (peak learning rate {learning_rate:g})."
         )
-        logger.info(message)
-        trainer.log(
-            {
-                "stage": 2,
-                "stage2_trainable_parameters": num_trainable,
-                "stage2_frozen_parameters": num_total - num_trainable,
-            }
-        )
+        logs = {
+            "stage": 2,
+            "stage2_trainable_parameters": num_trainable,
+            "stage2_frozen_parameters": num_total - num_trainable,
+        }
+        self._pending_report = (message, logs)
+        if not defer_report:
+            self.report_switch()
 
 
 __all__ = ["StageSwitchCallback", "validate_stage_arguments"]

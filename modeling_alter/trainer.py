@@ -129,6 +129,13 @@ def _alter_setting(args, name):
     return getattr(args, name, AlterTrainingArguments.__dataclass_fields__[name].default)
 
 
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
 def _check_supported_options(args) -> None:
     """Raises a `ValueError` naming a `Seq2SeqTrainingArguments` option that ALTER cannot honour."""
     for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
@@ -231,10 +238,28 @@ class RoutingStatistics:
                 lines.append(f"{self.task_names[task]} | {module} | {float(entropy[task, m]):.3f} | {values}")
         logger.info("ALTER routing statistics (mean gate weight per adapter):\n" + "\n".join(lines))
 
+    WEIGHT_LABEL = "mean adapter weight w_j (not a distribution)"
+    WEIGHT_NOTE = (
+        "Each cell: the mean weight w_j that adapter j gets on the task's tokens. Task adapters share a weight of 1 "
+        "(one-hot on the own task, mixed with the gate in stage 2); shared adapters add their gate weight on top, "
+        "so a row can sum to more than 1."
+    )
+
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
         """
-        Saves a PNG heatmap: one panel per MTA module (rows: tasks, columns: adapters, colour: mean gate weight), and a
-        last panel with the routing entropy per task and module.
+        Saves a PNG heatmap (see `figure`).
+        """
+        import matplotlib.pyplot as plt
+
+        figure = self.figure(title)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    def figure(self, title: str | None = None):
+        """
+        A matplotlib figure: one panel per MTA module (y axis: task, x axis: adapter, colour and number: the mean
+        weight of the adapter, `WEIGHT_NOTE` says why rows are not distributions), and a last panel with the routing
+        entropy per task and module. Close it with `matplotlib.pyplot.close`.
         """
         import matplotlib
 
@@ -260,6 +285,8 @@ class RoutingStatistics:
             axis.set_title(module, fontsize=9)
             axis.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=60, ha="right", fontsize=7)
             axis.set_yticks(range(len(tasks)), task_labels if m % columns == 0 else [], fontsize=7)
+            axis.set_xlabel("adapter", fontsize=8)
+            axis.set_ylabel("task" if m % columns == 0 else "", fontsize=8)
             if annotate:
                 for i in range(len(tasks)):
                     for j in range(len(self.adapter_names)):
@@ -267,20 +294,24 @@ class RoutingStatistics:
                         color = "black" if value > 0.6 else "white"
                         axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color=color)
         figure.colorbar(image, ax=[axes[m // columns][m % columns] for m in range(len(self.module_names))],
-                        shrink=0.8, label="mean gate weight")
+                        shrink=0.8, label=self.WEIGHT_LABEL)
         axis = axes[(num_panels - 1) // columns][(num_panels - 1) % columns]
         image = axis.imshow(entropy, vmin=0.0, vmax=max(math.log(len(self.adapter_names)), 1e-6), cmap="magma",
                             aspect="auto")
         axis.set_title("routing entropy (nats)", fontsize=9)
         axis.set_xticks(range(len(self.module_names)), self.module_names, rotation=60, ha="right", fontsize=7)
         axis.set_yticks(range(len(tasks)), task_labels, fontsize=7)
-        figure.colorbar(image, ax=axis, shrink=0.8)
+        axis.set_xlabel("MTA module", fontsize=8)
+        axis.set_ylabel("task", fontsize=8)
+        figure.colorbar(image, ax=axis, shrink=0.8, label="entropy of w (nats)")
         for extra in range(num_panels, rows * columns):
             axes[extra // columns][extra % columns].axis("off")
         if title:
             figure.suptitle(title)
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
+        import textwrap
+
+        figure.supxlabel("\n".join(textwrap.wrap(self.WEIGHT_NOTE, width=int(width * 14))), fontsize=7)
+        return figure
 
 
 def mta_module_labels(model) -> list[str]:
@@ -370,6 +401,9 @@ class AlterTrainer(Seq2SeqTrainer):
                     "of the tasks it contains, and each stage freezes part of the model."
                 )
         _check_supported_options(args)
+        if args.dataloader_pin_memory and not _has_accelerator():
+            # Pinned memory only speeds up copies to an accelerator; without one, PyTorch warns on every run.
+            args.dataloader_pin_memory = False
         if model_init is not None:
             raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
         if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
@@ -650,6 +684,12 @@ class AlterTrainer(Seq2SeqTrainer):
         self.callback_handler.lr_scheduler = self.lr_scheduler
 
     # ---- loss and logs ------------------------------------------------------------------------------------------
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # The step at whose end the switch happened is a stage-1 step: its log line comes first, then the switch's.
+        result = super()._maybe_log_save_evaluate(*args, **kwargs)
+        self.stage_callback.report_switch()
+        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """
