@@ -340,7 +340,9 @@ def _checked_metrics(given: dict[str, str], tasks: list[str]) -> dict[str, str]:
         raise UsageError(f"--task_metrics names tasks {unknown} that are not trained; tasks: {sorted(tasks)}.")
     for task, metric in given.items():
         if metric not in METRICS:
-            raise UsageError(f"--task_metrics {task}={metric}: unknown metric {metric!r}; expected one of {sorted(METRICS)}.")
+            raise UsageError(
+                f"--task_metrics {task}={metric}: unknown metric {metric!r}; expected one of {sorted(METRICS)}."
+            )
     return given
 
 
@@ -413,9 +415,12 @@ def check_base_model(name: str) -> None:
             raise UsageError(f"--base_model {name}: the folder has no config.json, so it is not a saved T5 model.")
         return
     if path.exists():
-        raise UsageError(f"--base_model {name} is a file; expected a model folder or a Hub id (e.g. google/flan-t5-small).")
+        raise UsageError(
+            f"--base_model {name} is a file; expected a model folder or a Hub id (e.g. google/flan-t5-small)."
+        )
     first = name.split("/", 1)[0]
-    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or ("/" in name and Path(first).is_dir()):
+    looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if looks_like_path or ("/" in name and Path(first).is_dir()):  # e.g. models/x where ./models exists
         raise UsageError(f"--base_model {name}: the folder {path.resolve()} does not exist.")
     try:
         validate_repo_id(name)

@@ -298,4 +298,12 @@ def push_model(
         )
 
 
-__all__ = ["PushResult", "default_commit_message", "push_folder", "push_model", "resolve_token", "token_source"]
+__all__ = [
+    "PushResult",
+    "default_commit_message",
+    "describe_hub_failure",
+    "push_folder",
+    "push_model",
+    "resolve_token",
+    "token_source",
+]

@@ -428,9 +428,8 @@ class AlterTrainer(Seq2SeqTrainer):
         if given:
             given[0].merge_args(args)  # the callback becomes the one source of truth; disagreements raise
         else:
-            callbacks.append(
-                StageSwitchCallback.from_args(args) if isinstance(args, AlterTrainingArguments) else StageSwitchCallback()
-            )
+            from_args = isinstance(args, AlterTrainingArguments)
+            callbacks.append(StageSwitchCallback.from_args(args) if from_args else StageSwitchCallback())
         super().__init__(
             model=model,
             args=args,

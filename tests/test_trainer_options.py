@@ -7,7 +7,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from training_utils import TRAIN_TASKS, tiny_data, tokenizer
 
 from modeling_alter import AlterForConditionalGeneration
