@@ -93,9 +93,9 @@ def test_training_option_matches_seq2seq_trainer_on_t5(option, tmp_path, data, m
         # one step of each stage.
         steps, t5_options = 2, dict(max_steps=2)
         options = dict(options, max_steps=2)
-        import torch._dynamo.config
+        import torch._dynamo.config as dynamo_config
 
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # then eager: no recompile per batch shape
+        monkeypatch.setattr(dynamo_config, "recompile_limit", 1)  # then eager: no recompile per batch shape
     t5_trainer, alter_trainer = train_pair(tmp_path, options, train_set, alter_extra=dict(stage1_steps=steps // 2),
                                            t5_options=t5_options)
     with warnings.catch_warnings():
