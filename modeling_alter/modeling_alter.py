@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -615,11 +616,14 @@ def _checkpointed(stack, block, args):
         return checkpoint(block, *args, use_reentrant=False)
     keywords = getattr(function, "keywords", None) or {}
     if keywords.get("use_reentrant"):
-        raise ValueError(
-            "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ALTER: reentrant checkpointing "
-            "loses the gradient of the router's load-balancing loss; use {'use_reentrant': False} (the default)."
+        # Transformers < 5 asks for it by default, so it is overridden (with a warning) rather than refused here;
+        # AlterTrainer refuses it when the training arguments ask for it explicitly.
+        warnings.warn(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ALTER (reentrant checkpointing "
+            "loses the gradient of the router's load-balancing loss): checkpointing runs with use_reentrant=False.",
+            UserWarning,
         )
-    return function(block, *args, **({} if "use_reentrant" in keywords else {"use_reentrant": False}))
+    return function(block, *args, use_reentrant=False)
 
 
 def _build_routing(config, task_ids, batch_size, token_mask, output_stats, unknown_allowed, device=None):
