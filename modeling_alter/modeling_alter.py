@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerNorm
+from transformers.utils import logging as hf_logging
 
 from .configuration_alter import AlterConfig
 
@@ -618,10 +618,9 @@ def _checkpointed(stack, block, args):
     if keywords.get("use_reentrant"):
         # Transformers < 5 asks for it by default, so it is overridden (with a warning) rather than refused here;
         # AlterTrainer refuses it when the training arguments ask for it explicitly.
-        warnings.warn(
+        hf_logging.get_logger(__name__).warning_once(
             "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ALTER (reentrant checkpointing "
-            "loses the gradient of the router's load-balancing loss): checkpointing runs with use_reentrant=False.",
-            UserWarning,
+            "loses the gradient of the router's load-balancing loss): checkpointing runs with use_reentrant=False."
         )
     return function(block, *args, use_reentrant=False)
 
