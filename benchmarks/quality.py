@@ -243,7 +243,11 @@ def _parse_pairs(pairs, what):
 def _files_in(folder):
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--tasks_dir {str(folder)!r} is not a folder.")
+        raise FileNotFoundError(
+            f"--tasks_dir {str(folder)!r} is not a folder (looked for {str(folder.resolve())!r}). The full real task "
+            "sets are not part of the repository: point --tasks_dir at your copy of them (in this project's workspace "
+            "`../shared/data/real` or `../shared/data/tasks`), or at `tests/fixtures/real` for the small sample."
+        )
     train, evaluation = {}, {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in DATA_FILE_SUFFIXES:
@@ -877,7 +881,11 @@ def main(argv=None):
 
     start = time.perf_counter()
     tokenizer = ByT5Tokenizer()
-    data = BenchmarkData(args, tokenizer)
+    try:
+        data = BenchmarkData(args, tokenizer)
+    except (FileNotFoundError, ValueError) as error:  # missing folder or file, bad data: one line, as argparse does
+        print(f"quality.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     config = alter_config(args, data.task_names, args.adapter_dim, args.num_shared_adapters)
     alter_extra = mta_extra_parameters(config)
     num_modules = len(alter_class(config)(config).mta_modules())

@@ -27,6 +27,7 @@ the model and data options below (`--help` lists them all). A single `.json` fil
 The script runs unchanged under `torchrun --nproc_per_node N` and `accelerate launch`.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from transformers import (
     AutoTokenizer,
     ByT5Tokenizer,
     HfArgumentParser,
+    Seq2SeqTrainingArguments,
     TrainerCallback,
     set_seed,
 )
@@ -185,8 +187,83 @@ def parse_task_pairs(pairs: list[str], option: str) -> dict[str, str]:
     return parsed
 
 
+PROG = "train_two_stage.py"
+# The Trainer options most runs set, listed by the short `--help` after ALTER's own (`--help-all` lists every one).
+COMMON_TRAINING_OPTIONS = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "warmup_steps", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "generation_max_length", "eval_strategy",
+    "save_strategy", "logging_steps", "seed", "bf16", "use_cpu", "resume_from_checkpoint",
+)
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the data it names; printed as one `error:` line with exit status 2."""
+
+
+def _alter_stage_fields():
+    """The fields AlterTrainingArguments adds to Seq2SeqTrainingArguments (ALTER's stage options)."""
+    inherited = set(Seq2SeqTrainingArguments.__dataclass_fields__)
+    return [f for f in dataclasses.fields(AlterTrainingArguments) if f.name not in inherited]
+
+
+def _default_text(name, field_default, base_model_given):
+    """`default: X`, with the other job's default when `--base_model` changes it."""
+    synthetic = SYNTHETIC_DEFAULTS.get(name, field_default)
+    finetune = BASE_MODEL_DEFAULTS.get(name, field_default)
+    if synthetic == finetune:
+        return f"default: {synthetic}"
+    if base_model_given:
+        return f"default with --base_model: {finetune}; without: {synthetic}"
+    return f"default: {synthetic}; with --base_model: {finetune}"
+
+
+def short_help(argv: list[str]) -> str:
+    """ALTER's own options first (model, data, stages), then the Trainer options most runs set."""
+    import textwrap
+
+    base_model_given = any(arg == "--base_model" or arg.startswith("--base_model=") for arg in argv)
+    training_fields = {f.name: f for f in dataclasses.fields(AlterTrainingArguments)}
+    groups = [
+        ("ALTER model", dataclasses.fields(ModelArguments)),
+        ("data", dataclasses.fields(DataArguments)),
+        ("ALTER stages (AlterTrainingArguments)", _alter_stage_fields()),
+        ("common training options (Seq2SeqTrainingArguments; --help-all lists all of them)",
+         [training_fields[name] for name in COMMON_TRAINING_OPTIONS]),
+    ]
+    lines = [
+        f"usage: {PROG} [OPTIONS]   (or: {PROG} ARGS.json)",
+        "",
+        "Two-stage multi-task training of an ALTER model. With no option: the embedded synthetic benchmark, from "
+        "scratch. --base_model converts a T5 / Flan-T5 checkpoint and changes the defaults marked 'with --base_model'.",
+        "--help-all lists every Seq2SeqTrainingArguments option; --debug shows the traceback of an error.",
+    ]
+    for title, fields in groups:
+        lines += ["", f"{title}:"]
+        for f in fields:
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            text = f"{help_text} ({_default_text(f.name, default, base_model_given)})"
+            lines.append(f"  --{f.name}")
+            lines += textwrap.wrap(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return "\n".join(lines) + "\n"
+
+
 def parse_arguments(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, AlterTrainingArguments))
+    """Parses the command line into (ModelArguments, DataArguments, AlterTrainingArguments) with the defaults of
+    the job (`SYNTHETIC_DEFAULTS`, or `BASE_MODEL_DEFAULTS` with `--base_model`). `-h`/`--help` prints ALTER's
+    options and exits; `--help-all` prints every option."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, AlterTrainingArguments), prog=PROG)
+    if "--help-all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(short_help(argv))
+        raise SystemExit(0)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     def given(option):
@@ -261,6 +338,19 @@ class PrintStage1Table(TrainerCallback):
             print("\n" + markdown_table(title, metrics, self.task_metrics) + "\n", flush=True)
 
 
+def _checked_metrics(given: dict[str, str], tasks: list[str]) -> dict[str, str]:
+    """`--task_metrics` checked before any work: known tasks, known metrics."""
+    unknown = sorted(set(given) - set(tasks))
+    if unknown:
+        raise UsageError(f"--task_metrics names tasks {unknown} that are not trained; tasks: {sorted(tasks)}.")
+    for task, metric in given.items():
+        if metric not in METRICS:
+            raise UsageError(
+                f"--task_metrics {task}={metric}: unknown metric {metric!r}; expected one of {sorted(METRICS)}."
+            )
+    return given
+
+
 def load_data(data_args: DataArguments):
     """Returns (train specs, eval specs, task metrics): the user's files, or the synthetic benchmark."""
     if not data_args.train_files:
@@ -270,7 +360,7 @@ def load_data(data_args: DataArguments):
             data_args.num_train_per_task, data_args.num_eval_per_task, seed=data_args.synthetic_seed
         )
         metrics = {task: default_metric_for_task[task] for task in train}
-        metrics.update(parse_task_pairs(data_args.task_metrics, "--task_metrics"))
+        metrics.update(_checked_metrics(parse_task_pairs(data_args.task_metrics, "--task_metrics"), list(train)))
         return train, evaluation, metrics
     train = parse_task_pairs(data_args.train_files, "--train_files")
     evaluation = parse_task_pairs(data_args.eval_files, "--eval_files")
@@ -278,11 +368,7 @@ def load_data(data_args: DataArguments):
     if unknown:
         raise ValueError(f"--eval_files names tasks {unknown} that have no --train_files; tasks: {sorted(train)}.")
     metrics = {task: "exact_match" for task in train}
-    given = parse_task_pairs(data_args.task_metrics, "--task_metrics")
-    unknown = sorted(set(given) - set(train))
-    if unknown:
-        raise ValueError(f"--task_metrics names tasks {unknown} that have no --train_files; tasks: {sorted(train)}.")
-    metrics.update(given)
+    metrics.update(_checked_metrics(parse_task_pairs(data_args.task_metrics, "--task_metrics"), list(train)))
     for task, path in {**train, **evaluation}.items():
         if not Path(path).is_file():
             raise ValueError(f"The data file of task {task!r} does not exist: {path}.")
@@ -330,9 +416,69 @@ def build_model_and_tokenizer(model_args: ModelArguments, task_names: list[str])
     return AlterForConditionalGeneration(config), tokenizer
 
 
+def check_base_model(name: str) -> None:
+    """Raises `UsageError` at once when `--base_model` names a folder that does not exist (or is not a model), or is
+    neither a folder nor a valid Hub id, instead of letting the Hub client try (and wait for) the network."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--base_model {name}: the folder has no config.json, so it is not a saved T5 model.")
+        return
+    if path.exists():
+        raise UsageError(
+            f"--base_model {name} is a file; expected a model folder or a Hub id (e.g. google/flan-t5-small)."
+        )
+    first = name.split("/", 1)[0]
+    looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    if looks_like_path or ("/" in name and Path(first).is_dir()):  # e.g. models/x where ./models exists
+        raise UsageError(f"--base_model {name}: the folder {path.resolve()} does not exist.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UsageError(
+            f"--base_model {name!r} is neither an existing folder nor a valid Hub id (e.g. google/flan-t5-small)."
+        ) from None
+
+
+def _pop_debug_flag(argv: list[str]) -> bool:
+    """Removes a bare `--debug` (shows tracebacks); `--debug VALUE` stays the Trainer's own `debug` option."""
+    if "--debug" not in argv:
+        return False
+    index = argv.index("--debug")
+    if index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+        return False
+    del argv[index]
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """
+    Runs the job (see the module docstring). A mistake in the options or in the data they name (a bad path, task
+    name, column, metric; an empty file) ends with one `train_two_stage.py: error: ...` line on stderr and exit
+    status 2, as argparse does; `--debug` shows the traceback instead. Errors once training has started propagate.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _pop_debug_flag(argv)
+    progress = {"training": False}
+    try:
+        return run(argv, progress)
+    except (ValueError, OSError) as error:
+        if debug or progress["training"]:
+            raise
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(argv: list[str], progress: dict | None = None) -> dict:
+    """The job itself; `progress["training"]` becomes true once the trainer is built (for `main`'s error lines)."""
+    progress = {} if progress is None else progress
     start = time.time()
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args = parse_arguments(argv)
+    if model_args.base_model is not None:
+        check_base_model(model_args.base_model)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -405,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
         task_metrics=task_metrics,
     )
     trainer.add_callback(PrintStage1Table(trainer, evaluated_metrics, start))
+    progress["training"] = True
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     results = {"task_metrics": evaluated_metrics, "train": train_result.metrics}

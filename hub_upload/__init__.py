@@ -6,9 +6,9 @@ From Python: `prepare_folder`, `write_folder`, `check_folder`, `push_folder` and
 
 from .card import build_model_card, count_parameters, verify_model_card
 from .check import CheckReport, check_folder
-from .errors import FolderCheckError, HubUploadError, PrepareError, PushError, UnsafeFolderError
+from .errors import FolderCheckError, HubConnectionError, HubUploadError, PrepareError, PushError, UnsafeFolderError
 from .folder import PreparedFolder, prepare_folder, write_folder
-from .push import PushResult, push_folder, push_model
+from .push import PushResult, describe_hub_failure, push_folder, push_model
 from .results import EvalResults, read_eval_results
 from .safety import scan_folder
 
@@ -17,6 +17,7 @@ __all__ = [
     "CheckReport",
     "EvalResults",
     "FolderCheckError",
+    "HubConnectionError",
     "HubUploadError",
     "PrepareError",
     "PreparedFolder",
@@ -26,6 +27,7 @@ __all__ = [
     "build_model_card",
     "check_folder",
     "count_parameters",
+    "describe_hub_failure",
     "prepare_folder",
     "push_folder",
     "push_model",

@@ -8,17 +8,20 @@
         [--commit-description TEXT] [--token TOKEN] [--dry-run] [--timeout SECONDS]
     alter-hub export-task MODEL_DIR TASK OUT_DIR [--stage1] [--overwrite]
 
-Exit status: 0 on success, 1 when the folder or the options are refused (the message names the file or value),
-2 for command-line usage errors.
+Exit status: 0 on success; 2 for a user mistake (a bad option, path or repository id), with one `error:` line as
+argparse prints; 1 when the folder is refused by its check (the message names each file at fault) or when the Hub
+cannot be reached, refuses the token or denies the operation (one line: what happened, what to try). `--debug` shows
+the traceback instead.
 """
 
 import argparse
+import os
 import sys
 
 from huggingface_hub.errors import HfHubHTTPError
 
 from .check import DEFAULT_TIMEOUT, check_folder
-from .errors import HubUploadError
+from .errors import FolderCheckError, HubConnectionError, HubUploadError, PushError, UnsafeFolderError
 from .folder import DEFAULT_MAX_SHARD_SIZE, prepare_folder
 from .push import push_folder
 
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alter-hub", description="Prepare, check and push ALTER models to the Hugging Face Hub."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser(
@@ -123,66 +127,85 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="the new folder to write")
     export.add_argument("--stage1", action="store_true", help="export a stage-2 model's stage-1 computation")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    for command in (prepare, export, check, push):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
 
 
 def main(argv=None) -> int:
-    """Runs the command line; returns the exit status."""
+    """Runs the command line; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "prepare":
-            prepared = prepare_folder(
-                args.model_dir,
-                args.out_dir,
-                repo_id=args.repo_id,
-                domain=args.domain,
-                tokenizer_dir=args.tokenizer,
-                results_files=args.results,
-                routing_image=args.routing_image,
-                base_model=args.base_model,
-                datasets=args.datasets,
-                task_datasets=dict(args.task_dataset),
-                license=args.license,
-                language=args.language,
-                revision_pin=args.revision_pin,
-                max_shard_size=args.max_shard_size,
-                allow_missing_results=args.allow_missing_results,
-                overwrite=args.overwrite,
-            )
-            print(f"wrote {prepared.path} ({len(prepared.files)} files): {', '.join(prepared.files)}")
-            print(
-                f"results: {', '.join(prepared.results.sources) or 'none'}; "
-                f"routing picture: {prepared.routing_image or 'none'}"
-            )
-            for warning in prepared.warnings:
-                print(f"warning: {warning}")
-            print(f"next: alter-hub check {prepared.path}")
-        elif args.command == "export-task":
-            from .export_task import export_task
-
-            out = export_task(args.model_dir, args.task, args.out_dir, stage1=args.stage1, overwrite=args.overwrite)
-            print(f"wrote {out}: task {args.task!r} as a plain T5ForConditionalGeneration (no remote code)")
-        elif args.command == "check":
-            print(check_folder(args.folder, timeout=args.timeout, python=args.python).summary())
-        else:
-            result = push_folder(
-                args.folder,
-                args.repo_id,
-                private=args.private,
-                revision=args.revision,
-                create_pr=args.create_pr,
-                commit_message=args.commit_message,
-                commit_description=args.commit_description,
-                token=args.token,
-                dry_run=args.dry_run,
-                timeout=args.timeout,
-            )
-            for warning in result.warnings:
-                print(f"warning: {warning}")
-            print(result.summary())
-    except (HubUploadError, HfHubHTTPError) as error:
+        return _run(args)
+    except (UnsafeFolderError, FolderCheckError, HubConnectionError, HfHubHTTPError) as error:
+        if args.debug:
+            raise
         print(f"alter-hub {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except (HubUploadError, OSError, ValueError) as error:  # the user's options, paths or files
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"alter-hub {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    folder = getattr(args, "folder", None)
+    if folder is not None and not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise PushError(f"{folder} {what}: give the folder that `alter-hub prepare` wrote")
+    if args.command == "prepare":
+        prepared = prepare_folder(
+            args.model_dir,
+            args.out_dir,
+            repo_id=args.repo_id,
+            domain=args.domain,
+            tokenizer_dir=args.tokenizer,
+            results_files=args.results,
+            routing_image=args.routing_image,
+            base_model=args.base_model,
+            datasets=args.datasets,
+            task_datasets=dict(args.task_dataset),
+            license=args.license,
+            language=args.language,
+            revision_pin=args.revision_pin,
+            max_shard_size=args.max_shard_size,
+            allow_missing_results=args.allow_missing_results,
+            overwrite=args.overwrite,
+        )
+        print(f"wrote {prepared.path} ({len(prepared.files)} files): {', '.join(prepared.files)}")
+        print(
+            f"results: {', '.join(prepared.results.sources) or 'none'}; "
+            f"routing picture: {prepared.routing_image or 'none'}"
+        )
+        for warning in prepared.warnings:
+            print(f"warning: {warning}")
+        print(f"next: alter-hub check {prepared.path}")
+    elif args.command == "export-task":
+        from .export_task import export_task
+
+        out = export_task(args.model_dir, args.task, args.out_dir, stage1=args.stage1, overwrite=args.overwrite)
+        print(f"wrote {out}: task {args.task!r} as a plain T5ForConditionalGeneration (no remote code)")
+    elif args.command == "check":
+        print(check_folder(args.folder, timeout=args.timeout, python=args.python).summary())
+    else:
+        result = push_folder(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            commit_description=args.commit_description,
+            token=args.token,
+            dry_run=args.dry_run,
+            timeout=args.timeout,
+        )
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        print(result.summary())
     return 0
 
 

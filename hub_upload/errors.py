@@ -29,3 +29,8 @@ class FolderCheckError(HubUploadError):
 
 class PushError(HubUploadError):
     """The push cannot start: bad repository id or options, no token, or a card made for another repository."""
+
+
+class HubConnectionError(HubUploadError):
+    """The Hub could not be reached, refused the token, or denied the operation; the message says what happened and
+    what to try, in one line. Nothing was committed (a push is one commit)."""

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from .card import card_repo_id, check_repo_id
 from .check import DEFAULT_TIMEOUT, check_folder, format_size
-from .errors import PrepareError, PushError
+from .errors import HubConnectionError, PrepareError, PushError
 from .folder import DEFAULT_MAX_SHARD_SIZE, write_folder
 
 
@@ -94,6 +95,55 @@ def resolve_token(token=None) -> str:
     return resolved
 
 
+# Names of the transport errors of the HTTP clients huggingface_hub uses (httpx and its forks, requests, urllib3).
+_NETWORK_ERROR_NAMES = {"TransportError", "NetworkError", "ConnectError", "ConnectTimeout", "TimeoutException",
+                        "ProxyError", "ConnectionError", "ReadTimeout", "NewConnectionError", "MaxRetryError"}
+
+
+def _first_line(error) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def describe_hub_failure(error, repo_id, step, created) -> str | None:
+    """
+    One line saying what happened to a Hub call (`step`, e.g. "creating the repository") and what to try, for a
+    network, authentication or permission failure; `None` for any other exception. `created` says whether the
+    repository already exists (then the line says that no commit was made).
+    """
+    after = ("the repository exists but nothing was committed to it" if created
+             else "nothing was created or uploaded")
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"{step} needs the network but HF_HUB_OFFLINE is set; unset it and run the command again ({after})"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            return (f"{step}: the Hub refused the token (HTTP 401); check HF_TOKEN, `hf auth login` or --token, and "
+                    f"that the token is still valid ({after})")
+        if status == 403:
+            return (f"{step}: permission denied for {repo_id} (HTTP 403); use a token with write access to the "
+                    f"{repo_id.split('/')[0]!r} namespace, or push to a namespace you own ({after})")
+        if status == 404:
+            return (f"{step}: {repo_id} or the branch was not found (HTTP 404); check the repository id and "
+                    f"--revision ({after})")
+        return f"{step}: the Hub answered HTTP {status}: {_first_line(error)}; try again later ({after})"
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & _NETWORK_ERROR_NAMES or isinstance(error, (ConnectionError, TimeoutError)):
+        return (f"{step}: could not reach the Hub ({_first_line(error)}); check the network connection or proxy "
+                f"(HTTPS_PROXY) and run the same command again ({after})")
+    return None
+
+
+def _hub_call(step, repo_id, created, function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:
+        message = describe_hub_failure(error, repo_id, step, created)
+        if message is None:
+            raise
+        raise HubConnectionError(message) from error
+
+
 def push_folder(
     folder,
     repo_id,
@@ -158,14 +208,22 @@ def push_folder(
     if api is None:
         api = HfApi(token=resolve_token(token), library_name="alter-hub")
     # private=None, not False: without --private a new repository gets its namespace's default visibility.
-    repo_id = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model").repo_id
+    # Network, authentication and permission failures become one `HubConnectionError` line; the upload is one
+    # commit, so a failure leaves nothing half-uploaded.
+    repo_id = _hub_call("creating the repository", repo_id, False, api.create_repo, repo_id,
+                        private=True if private else None, exist_ok=True, repo_type="model").repo_id
     if revision and not create_pr and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        _hub_call(f"creating branch {revision!r}", repo_id, True, api.create_branch, repo_id, branch=revision,
+                  exist_ok=True, repo_type="model")
     folder = Path(folder).resolve()
     operations = [
         CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path, _ in report.files
     ]
-    info = api.create_commit(
+    info = _hub_call(
+        "uploading the commit",
+        repo_id,
+        True,
+        api.create_commit,
         repo_id,
         operations,
         commit_message=message,
@@ -242,4 +300,12 @@ def push_model(
         )
 
 
-__all__ = ["PushResult", "default_commit_message", "push_folder", "push_model", "resolve_token", "token_source"]
+__all__ = [
+    "PushResult",
+    "default_commit_message",
+    "describe_hub_failure",
+    "push_folder",
+    "push_model",
+    "resolve_token",
+    "token_source",
+]

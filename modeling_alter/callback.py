@@ -80,8 +80,10 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
        fraction of the stage-2 steps (a number < 1), and
     5. logs the number of trainable and frozen parameters.
 
-    Use it through [`AlterTrainer`], which creates it from its [`AlterTrainingArguments`] (or takes the one passed in
-    `callbacks`); it needs the trainer to rebuild the optimizer and is bound to it by `AlterTrainer`.
+    Use it through [`AlterTrainer`], which creates it from its [`AlterTrainingArguments`], or takes the one passed in
+    `callbacks` (then plain `Seq2SeqTrainingArguments` work too, and settings given both here and in
+    `AlterTrainingArguments` must agree, see `merge_args`); it needs the trainer to rebuild the optimizer and is bound
+    to it by `AlterTrainer`.
 
     Args:
         stage1_steps (`int`, *optional*):
@@ -130,6 +132,7 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
         self.stage1_metrics = None
         self.planned_switch_step = None
         self._trainer = None
+        self._pending_report = None
 
     @classmethod
     def from_args(cls, args) -> "StageSwitchCallback":
@@ -141,6 +144,55 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             stage2_warmup_steps=args.stage2_warmup_steps,
             stage2_lr_scheduler_type=args.stage2_lr_scheduler_type,
             eval_on_switch=args.eval_on_stage_switch,
+        )
+
+    # (name in AlterTrainingArguments, attribute of the callback) of every stage setting
+    SETTINGS = (
+        ("stage1_steps", "stage1_steps"),
+        ("stage1_epochs", "stage1_epochs"),
+        ("stage2_learning_rate", "stage2_learning_rate"),
+        ("stage2_warmup_steps", "stage2_warmup_steps"),
+        ("stage2_lr_scheduler_type", "stage2_lr_scheduler_type"),
+        ("eval_on_stage_switch", "eval_on_switch"),
+    )
+    DEFAULTS = {
+        "stage1_steps": None,
+        "stage1_epochs": None,
+        "stage2_learning_rate": None,
+        "stage2_warmup_steps": 0,
+        "stage2_lr_scheduler_type": None,
+        "eval_on_switch": True,
+    }
+
+    def merge_args(self, args) -> None:
+        """
+        Makes this callback the one source of truth for the stage settings when both it and the training arguments
+        (an `AlterTrainingArguments`) carry them: a setting left at its default on one side takes the other side's
+        value; a setting given on both sides with different values raises a `ValueError` naming both. Arguments
+        without stage settings (a plain `Seq2SeqTrainingArguments`) change nothing.
+        """
+        from .trainer import AlterTrainingArguments  # the field defaults; imported here to avoid an import cycle
+
+        arg_defaults = {f.name: f.default for f in AlterTrainingArguments.__dataclass_fields__.values()}
+        for arg_name, attribute in self.SETTINGS:
+            if not hasattr(args, arg_name):
+                continue
+            value = getattr(args, arg_name)
+            if arg_name == "stage2_lr_scheduler_type" and value is not None:
+                value = SchedulerType(value).value
+            if value == arg_defaults[arg_name]:
+                continue
+            mine = getattr(self, attribute)
+            if mine != self.DEFAULTS[attribute] and mine != value:
+                raise ValueError(
+                    f"The StageSwitchCallback sets {attribute}={mine!r} but the training arguments set "
+                    f"{arg_name}={value!r}: give each stage setting in one place (the callback or "
+                    "AlterTrainingArguments), or the same value in both."
+                )
+            setattr(self, attribute, value)
+        validate_stage_arguments(
+            self.stage1_steps, self.stage1_epochs, self.stage2_learning_rate, self.stage2_warmup_steps,
+            self.stage2_lr_scheduler_type,
         )
 
     @property
@@ -226,12 +278,25 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             # The evaluation and the log line of the switch go through the trainer's callbacks, which reset the
             # control flags that the step's own logging, evaluation and saving depend on: keep them.
             flags = (control.should_log, control.should_evaluate, control.should_save)
-            self.switch(state)
+            self.switch(state, defer_report=True)
             control.should_log, control.should_evaluate, control.should_save = flags
         return control
 
-    def switch(self, state) -> None:
-        """Performs the switch to stage 2 at the current step (see the class docstring)."""
+    def on_train_end(self, args, state, control, **kwargs):
+        self.report_switch()
+
+    def report_switch(self) -> None:
+        """Logs the switch's line and parameter counts if `switch(..., defer_report=True)` left them pending.
+        `AlterTrainer` calls it after the step's own log line, which belongs to stage 1."""
+        pending, self._pending_report = getattr(self, "_pending_report", None), None
+        if pending is not None and self._trainer is not None:
+            message, logs = pending
+            logger.info(message)
+            self._trainer.log(logs)
+
+    def switch(self, state, defer_report: bool = False) -> None:
+        """Performs the switch to stage 2 at the current step (see the class docstring). With `defer_report`, the
+        log line of the switch waits for `report_switch` (after the last stage-1 step's own log line)."""
         trainer = self._trainer
         if trainer is None:
             raise ValueError("StageSwitchCallback.switch needs a trainer: use the callback through AlterTrainer.")
@@ -253,14 +318,14 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
             f"{len(trainable)} tensors (gate, task embeddings, shared adapters), {num_total - num_trainable:,} "
             f"frozen; new optimizer and learning-rate schedule (peak learning rate {learning_rate:g})."
         )
-        logger.info(message)
-        trainer.log(
-            {
-                "stage": 2,
-                "stage2_trainable_parameters": num_trainable,
-                "stage2_frozen_parameters": num_total - num_trainable,
-            }
-        )
+        logs = {
+            "stage": 2,
+            "stage2_trainable_parameters": num_trainable,
+            "stage2_frozen_parameters": num_total - num_trainable,
+        }
+        self._pending_report = (message, logs)
+        if not defer_report:
+            self.report_switch()
 
 
 __all__ = ["StageSwitchCallback", "validate_stage_arguments"]

@@ -392,7 +392,9 @@ class MultiTaskDataCollator:
     Padding of `input_ids`/`attention_mask` and of `labels` (with `label_pad_token_id`), and the
     `decoder_input_ids` made from the labels when `model` is given, are done by
     `transformers.DataCollatorForSeq2Seq`. `task_ids` becomes a LongTensor of shape [batch]; string-valued
-    features (such as `target_text`) are dropped. Returns PyTorch tensors.
+    features (such as `target_text`) are dropped, and so are keys without a value (`labels` of features that have
+    none). Returns PyTorch tensors. `AlterTrainer` passes the model, as `DataCollatorForSeq2Seq(tok, model=...)` users
+    do, so that the decoder inputs exist even when Trainer takes the labels out of the batch (label smoothing).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -423,7 +425,9 @@ class MultiTaskDataCollator:
             {key: value for key, value in feature.items() if key != "task_ids" and not isinstance(value, str)}
             for feature in features
         ]
-        batch = self._seq2seq_collator(model_features)
+        # `DataCollatorForSeq2Seq` returns `"labels": None` for features without labels; Seq2SeqTrainer would then
+        # run a loss forward with nothing to compute it on, so keys without a value are left out.
+        batch = {key: value for key, value in self._seq2seq_collator(model_features).items() if value is not None}
         if all(has_task_ids):
             batch["task_ids"] = torch.tensor([int(feature["task_ids"]) for feature in features], dtype=torch.long)
         return batch

@@ -21,6 +21,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerNorm
+from transformers.utils import logging as hf_logging
 
 from .configuration_alter import AlterConfig
 from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
@@ -151,11 +152,23 @@ def _relative_position_bucket(relative_position, bidirectional=True, num_buckets
     return buckets + torch.where(is_small, relative_position, large)
 
 
+def _clamp_fp16(hidden_states):
+    """T5's half-precision guard: in float16, clamps values to the finite range (a little below it when some
+    overflowed to inf), so that an overflowing sublayer does not turn the next layer norm into NaN."""
+    if hidden_states.dtype == torch.float16:
+        finite_max = torch.finfo(torch.float16).max
+        clamp_value = torch.where(torch.isinf(hidden_states).any(), finite_max - 1000, finite_max)
+        hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+    return hidden_states
+
+
 def _with_mta(mta, u, sublayer_out, routing):
     if mta is None:
         return sublayer_out, None
     adapter_out, stats = mta(u, routing)
-    return sublayer_out + adapter_out, stats
+    # An overflowing adapter must not meet an overflowing sublayer of the other sign (inf - inf = NaN); the sum
+    # itself is clamped after the residual, where T5 clamps.
+    return sublayer_out + _clamp_fp16(adapter_out), stats
 
 
 class AlterLayerSelfAttention(nn.Module):
@@ -217,12 +230,15 @@ class AlterBlock(nn.Module):
     def forward(self, hidden_states, self_bias, routing, encoder_hidden_states=None, cross_bias=None, cache=None,
                 output_attentions=False):
         hidden_states, self_weights, self_stats = self.layer[0](hidden_states, self_bias, routing, cache, output_attentions)
+        hidden_states = _clamp_fp16(hidden_states)  # after every sublayer, where T5 clamps
         cross_weights, cross_stats = None, None
         if self.is_decoder:
             hidden_states, cross_weights, cross_stats = self.layer[1](
                 hidden_states, encoder_hidden_states, cross_bias, routing, cache, output_attentions
             )
+            hidden_states = _clamp_fp16(hidden_states)
         hidden_states, ff_stats = self.layer[-1](hidden_states, routing)
+        hidden_states = _clamp_fp16(hidden_states)
         stats = tuple(s for s in (self_stats, cross_stats, ff_stats) if s is not None)
         return hidden_states, self_weights, cross_weights, stats
 
@@ -314,8 +330,7 @@ class AlterStack(nn.Module):
                 all_hidden.append(hidden_states)
             args = (hidden_states, self_bias, routing, encoder_hidden_states, cross_bias, cache, bool(output_attentions))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Non-reentrant, so gradients reach adapters even when the frozen backbone's inputs need none.
-                hidden_states, self_w, cross_w, stats = checkpoint(block, *args, use_reentrant=False)
+                hidden_states, self_w, cross_w, stats = _checkpointed(self, block, args)
             else:
                 hidden_states, self_w, cross_w, stats = block(*args)
             all_self.append(self_w)
@@ -336,6 +351,23 @@ class AlterStack(nn.Module):
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
         return output
+
+
+def _checkpointed(stack, block, args):
+    """Runs `block(*args)` through the checkpoint function that `gradient_checkpointing_enable` set (with the user's
+    `gradient_checkpointing_kwargs`), non-reentrant so that gradients reach adapters behind a frozen backbone."""
+    function = getattr(stack, "_gradient_checkpointing_func", None)
+    if function is None:
+        return checkpoint(block, *args, use_reentrant=False)
+    keywords = getattr(function, "keywords", None) or {}
+    if keywords.get("use_reentrant"):
+        # Transformers < 5 asks for it by default, so it is overridden (with a warning) rather than refused here;
+        # AlterTrainer refuses it when the training arguments ask for it explicitly.
+        hf_logging.get_logger(__name__).warning_once(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by ALTER (reentrant checkpointing "
+            "loses the gradient of the router's load-balancing loss): checkpointing runs with use_reentrant=False."
+        )
+    return function(block, *args, use_reentrant=False)
 
 
 class AlterPreTrainedModel(PreTrainedModel):
@@ -566,6 +598,12 @@ class AlterForConditionalGeneration(AlterTasksMixin, AlterPreTrainedModel, Gener
 
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+        if decoder_inputs_embeds is None and decoder_input_ids is None:
+            raise ValueError(
+                "AlterForConditionalGeneration.forward got no decoder inputs: pass `labels` (the decoder inputs are "
+                "made from them), `decoder_input_ids` or `decoder_inputs_embeds`; to predict without targets, use "
+                "`generate()` (with Seq2SeqTrainer: predict_with_generate=True and no `labels` key in the batch)."
+            )
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.shared(decoder_input_ids)
         if use_cache and cache is None:

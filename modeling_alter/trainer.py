@@ -131,6 +131,38 @@ class AlterTrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
 
 
+def _alter_setting(args, name):
+    """An ALTER field of the training arguments, or its `AlterTrainingArguments` default for plain
+    `Seq2SeqTrainingArguments`."""
+    return getattr(args, name, AlterTrainingArguments.__dataclass_fields__[name].default)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _check_supported_options(args) -> None:
+    """Raises a `ValueError` naming a `Seq2SeqTrainingArguments` option that ALTER cannot honour."""
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = getattr(args, name, None)
+        if not isinstance(kwargs, dict):
+            continue
+        if kwargs.get("use_reentrant"):
+            raise ValueError(
+                f"{name}={kwargs!r} is not supported by ALTER: reentrant checkpointing loses the gradient of the "
+                "router's load-balancing loss and needs every block input to require grad. Use "
+                "{'use_reentrant': False} (the default); the other torch.utils.checkpoint options are honoured."
+            )
+        if kwargs.get("every_n_layers", 1) != 1:
+            raise ValueError(
+                f"{name}={kwargs!r}: every_n_layers={kwargs['every_n_layers']!r} is not supported by ALTER, which "
+                "checkpoints every block of the encoder and decoder; leave it out (or 1)."
+            )
+
+
 class RoutingStatistics:
     """
     Accumulates, per task and MTA module, the mean gate weight of every adapter and the mean routing entropy, from
@@ -214,10 +246,28 @@ class RoutingStatistics:
                 lines.append(f"{self.task_names[task]} | {module} | {float(entropy[task, m]):.3f} | {values}")
         logger.info("ALTER routing statistics (mean gate weight per adapter):\n" + "\n".join(lines))
 
+    WEIGHT_LABEL = "mean adapter weight w_j (not a distribution)"
+    WEIGHT_NOTE = (
+        "Each cell: the mean weight w_j that adapter j gets on the task's tokens. Task adapters share a weight of 1 "
+        "(one-hot on the own task, mixed with the gate in stage 2); shared adapters add their gate weight on top, "
+        "so a row can sum to more than 1."
+    )
+
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
         """
-        Saves a PNG heatmap: one panel per MTA module (rows: tasks, columns: adapters, colour: mean gate weight), and a
-        last panel with the routing entropy per task and module.
+        Saves a PNG heatmap (see `figure`).
+        """
+        import matplotlib.pyplot as plt
+
+        figure = self.figure(title)
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    def figure(self, title: str | None = None):
+        """
+        A matplotlib figure: one panel per MTA module (y axis: task, x axis: adapter, colour and number: the mean
+        weight of the adapter, `WEIGHT_NOTE` says why rows are not distributions), and a last panel with the routing
+        entropy per task and module. Close it with `matplotlib.pyplot.close`.
         """
         import matplotlib
 
@@ -243,6 +293,8 @@ class RoutingStatistics:
             axis.set_title(module, fontsize=9)
             axis.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=60, ha="right", fontsize=7)
             axis.set_yticks(range(len(tasks)), task_labels if m % columns == 0 else [], fontsize=7)
+            axis.set_xlabel("adapter", fontsize=8)
+            axis.set_ylabel("task" if m % columns == 0 else "", fontsize=8)
             if annotate:
                 for i in range(len(tasks)):
                     for j in range(len(self.adapter_names)):
@@ -250,20 +302,24 @@ class RoutingStatistics:
                         color = "black" if value > 0.6 else "white"
                         axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color=color)
         figure.colorbar(image, ax=[axes[m // columns][m % columns] for m in range(len(self.module_names))],
-                        shrink=0.8, label="mean gate weight")
+                        shrink=0.8, label=self.WEIGHT_LABEL)
         axis = axes[(num_panels - 1) // columns][(num_panels - 1) % columns]
         image = axis.imshow(entropy, vmin=0.0, vmax=max(math.log(len(self.adapter_names)), 1e-6), cmap="magma",
                             aspect="auto")
         axis.set_title("routing entropy (nats)", fontsize=9)
         axis.set_xticks(range(len(self.module_names)), self.module_names, rotation=60, ha="right", fontsize=7)
         axis.set_yticks(range(len(tasks)), task_labels, fontsize=7)
-        figure.colorbar(image, ax=axis, shrink=0.8)
+        axis.set_xlabel("MTA module", fontsize=8)
+        axis.set_ylabel("task", fontsize=8)
+        figure.colorbar(image, ax=axis, shrink=0.8, label="entropy of w (nats)")
         for extra in range(num_panels, rows * columns):
             axes[extra // columns][extra % columns].axis("off")
         if title:
             figure.suptitle(title)
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
+        import textwrap
+
+        figure.supxlabel("\n".join(textwrap.wrap(self.WEIGHT_NOTE, width=int(width * 14))), fontsize=7)
+        return figure
 
 
 def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
@@ -369,10 +425,25 @@ class AlterTrainer(Seq2SeqTrainer):
     ):
         if args is None:
             args = AlterTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, AlterTrainingArguments):
+        if not isinstance(args, Seq2SeqTrainingArguments):
             raise ValueError(
-                f"AlterTrainer needs AlterTrainingArguments (with the stage settings), got {type(args).__name__}."
+                "AlterTrainer needs AlterTrainingArguments, or Seq2SeqTrainingArguments with the stage settings in a "
+                f"StageSwitchCallback, got {type(args).__name__}."
             )
+        if not isinstance(args, AlterTrainingArguments):
+            # ALTER needs DDP to find unused parameters (see AlterTrainingArguments); the other ALTER settings take
+            # their AlterTrainingArguments defaults.
+            if args.ddp_find_unused_parameters is None:
+                args.ddp_find_unused_parameters = True
+            elif not args.ddp_find_unused_parameters:
+                raise ValueError(
+                    "ddp_find_unused_parameters=False is not valid for ALTER: a batch trains only the task adapters "
+                    "of the tasks it contains, and each stage freezes part of the model."
+                )
+        _check_supported_options(args)
+        if args.dataloader_pin_memory and not _has_accelerator():
+            # Pinned memory only speeds up copies to an accelerator; without one, PyTorch warns on every run.
+            args.dataloader_pin_memory = False
         if model_init is not None:
             raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
         if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
@@ -392,7 +463,10 @@ class AlterTrainer(Seq2SeqTrainer):
         if data_collator is None and processing_class is not None and hasattr(processing_class, "pad"):
             from .data import MultiTaskDataCollator
 
-            data_collator = MultiTaskDataCollator(processing_class)
+            # With the model, `decoder_input_ids` come from the labels (as `DataCollatorForSeq2Seq(tok, model=...)`
+            # makes them), so the forward still has decoder inputs when Trainer takes the labels out of the batch
+            # (label smoothing, `compute_loss_func`).
+            data_collator = MultiTaskDataCollator(processing_class, model=model)
         self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
         if args.train_tasks is not None:
             model.set_train_tasks(args.train_tasks)
@@ -400,13 +474,11 @@ class AlterTrainer(Seq2SeqTrainer):
         given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]
         if len(given) > 1:
             raise ValueError(f"Pass at most one StageSwitchCallback, got {len(given)}.")
-        if given and (args.stage1_steps is not None or args.stage1_epochs is not None):
-            raise ValueError(
-                f"A StageSwitchCallback was passed and args also set stage1_steps={args.stage1_steps!r} / "
-                f"stage1_epochs={args.stage1_epochs!r}: configure the switch in one place."
-            )
-        if not given:
-            callbacks.append(StageSwitchCallback.from_args(args))
+        if given:
+            given[0].merge_args(args)  # the callback becomes the one source of truth; disagreements raise
+        else:
+            from_args = isinstance(args, AlterTrainingArguments)
+            callbacks.append(StageSwitchCallback.from_args(args) if from_args else StageSwitchCallback())
         super().__init__(
             model=model,
             args=args,
@@ -539,7 +611,7 @@ class AlterTrainer(Seq2SeqTrainer):
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
-        if self.args.save_routing_heatmap:
+        if _alter_setting(self.args, "save_routing_heatmap"):
             self.save_routing_report(self.args.output_dir)
         return output
 
@@ -670,8 +742,32 @@ class AlterTrainer(Seq2SeqTrainer):
 
     # ---- loss and logs ------------------------------------------------------------------------------------------
 
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # The step at whose end the switch happened is a stage-1 step: its log line comes first, then the switch's.
+        result = super()._maybe_log_save_evaluate(*args, **kwargs)
+        self.stage_callback.report_switch()
+        return result
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """
+        [`Trainer.compute_loss`]. When Trainer takes the labels out of the batch (label smoothing,
+        `compute_loss_func`), the decoder inputs are made from them first if the collator did not make them, and with
+        label smoothing the router's load-balancing loss is added as the model adds it to its own loss.
+        """
+        labels = inputs.get("labels")
+        takes_labels = self.label_smoother is not None or self.compute_loss_func is not None
+        if takes_labels and labels is not None and "decoder_input_ids" not in inputs and (
+            "decoder_inputs_embeds" not in inputs
+        ):
+            inputs = {**inputs, "decoder_input_ids": self.alter_model.prepare_decoder_input_ids_from_labels(labels)}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        coef = self.alter_model.config.router_aux_loss_coef
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if self.label_smoother is not None and self.compute_loss_func is None and labels is not None and (
+            aux is not None and coef > 0
+        ):
+            weight = 1.0 if num_items_in_batch is None else (labels != -100).sum().to(aux.device) / num_items_in_batch
+            loss = loss + coef * aux * weight
         if model.training:
             self._last_train_stage = self.alter_model.config.stage
             aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
@@ -848,8 +944,9 @@ class AlterTrainer(Seq2SeqTrainer):
             dataset = self.eval_dataset
         if dataset is None:
             dataset = self.train_dataset
-            if dataset is not None and hasattr(dataset, "select") and len(dataset) > self.args.routing_max_samples:
-                dataset = dataset.select(range(self.args.routing_max_samples))
+            limit = _alter_setting(self.args, "routing_max_samples")
+            if dataset is not None and hasattr(dataset, "select") and len(dataset) > limit:
+                dataset = dataset.select(range(limit))
         if dataset is None:
             raise ValueError("compute_routing_statistics needs a dataset: the trainer has no evaluation or training set.")
         datasets = dataset if isinstance(dataset, dict) else {"all": dataset}

@@ -8,7 +8,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from modeling_alter import AlterConfig, AlterForConditionalGeneration
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+# A small sample of real data committed with the tests (see tests/fixtures/real/README.md).
+REAL_DATA = Path(__file__).resolve().parent / "fixtures" / "real"
 TASKS = ["sentiment", "topic", "reverse"]
 TINY = dict(vocab_size=120, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, dropout_rate=0.0)
 

@@ -14,7 +14,7 @@ from training_utils import REPO
 from modeling_alter.synthetic_tasks import SYNTHETIC_TASK_NAMES
 
 EXAMPLE = REPO / "examples" / "train_two_stage.py"
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+REAL_DATA = REPO / "tests" / "fixtures" / "real"  # committed sample
 TINY_RUN = [
     "--max_steps", "6", "--stage1_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "3",
     "--adapter_dim", "8", "--generation_max_length", "16", "--use_cpu", "true",

@@ -19,6 +19,7 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import ByT5Tokenizer
 
 import hub_upload
+from hub_upload.errors import HubConnectionError
 from hub_upload import (
     EvalResults,
     FolderCheckError,
@@ -720,3 +721,82 @@ def test_real_push_round_trip():
         assert api.model_info(repo_id).private
     finally:
         api.delete_repo(repo_id, missing_ok=True)
+
+
+# ---- failures of the network, the token, the permissions; user mistakes --------------------------------------------
+
+
+def test_push_without_network_is_one_line(prepared, checked, capsys, monkeypatch):
+    """The reported instance: `push ... --token hf_...` with no network gave a 74-line traceback (ConnectError)."""
+    monkeypatch.setattr("hub_upload.push.check_folder", lambda folder, **kwargs: checked)
+    commits = []
+    monkeypatch.setattr(HfApi, "create_commit", lambda *args, **kwargs: commits.append(args))
+
+    def no_network(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert main(["push", str(prepared.path), REPO_ID, "--token", FAKE_TOKEN]) == 1
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("alter-hub push: error: creating the repository: could not reach the Hub")
+    assert "check the network" in lines[0] and "nothing was created or uploaded" in lines[0]
+    assert commits == [] and FAKE_TOKEN not in out + err
+
+
+def _http_error(status):
+    import types
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = types.SimpleNamespace(status_code=status, headers={}, url="https://huggingface.co/api/repos/create",
+                                     request=None, text="", json=lambda: {})
+    error = HfHubHTTPError.__new__(HfHubHTTPError)
+    Exception.__init__(error, f"{status} Client Error")
+    error.response = response
+    return error
+
+
+@pytest.mark.parametrize("status,step,expected", [
+    (401, "create_repo", "refused the token (HTTP 401)"),
+    (403, "create_repo", "permission denied for test-org/alter-tiny (HTTP 403)"),
+    (403, "create_commit", "the repository exists but nothing was committed"),
+])
+def test_push_auth_and_permission_failures_are_one_line(status, step, expected, prepared, checked, capsys,
+                                                        monkeypatch):
+    recorder = HubRecorder(monkeypatch)
+    monkeypatch.setattr("hub_upload.push.check_folder", lambda folder, **kwargs: checked)
+
+    def fail(*args, **kwargs):
+        raise _http_error(status)
+
+    monkeypatch.setattr(HfApi, step, fail)
+    assert main(["push", str(prepared.path), REPO_ID, "--token", FAKE_TOKEN]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "create_commit" not in recorder.names()
+    with pytest.raises(HubConnectionError):
+        push_folder(prepared.path, REPO_ID, token=FAKE_TOKEN)
+    # --debug shows the traceback instead
+    with pytest.raises(HubConnectionError):
+        main(["--debug", "push", str(prepared.path), REPO_ID, "--token", FAKE_TOKEN])
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "{missing}"],
+    ["push", "{missing}", REPO_ID, "--dry-run"],
+    ["prepare", "{missing}", "{tmp}/out", "--repo-id", REPO_ID, "--domain", "x"],
+    ["push", "{prepared}", "not-a-repo-id", "--dry-run"],
+])
+def test_user_mistakes_are_one_error_line_and_exit_2(argv, prepared, checked, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hub_upload.push.check_folder", lambda folder, **kwargs: checked)
+    values = {"missing": str(tmp_path / "no-such-folder"), "tmp": str(tmp_path), "prepared": str(prepared.path)}
+    assert main([arg.format(**values) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"alter-hub {argv[0]}: error: "), err

@@ -75,7 +75,7 @@ def test_user_tasks_from_folder_and_files(quality):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        args = quality.parse_arguments(["--tasks_dir", "../shared/data/real", "--max_train_per_task", "5",
+        args = quality.parse_arguments(["--tasks_dir", "tests/fixtures/real", "--max_train_per_task", "5",
                                         "--max_eval_per_task", "3", "--task_metrics", "sst2=accuracy"])
         train, evaluation, metrics = quality.load_benchmark_tasks(args)
         assert list(train) == ["agnews", "sst2"]
@@ -84,17 +84,17 @@ def test_user_tasks_from_folder_and_files(quality):
         assert set(evaluation["agnews"][0]) == {"source", "target"}
 
         files = quality.parse_arguments([
-            "--train_files", "sst2=../shared/data/real/sst2_train.jsonl",
-            "--eval_files", "sst2=../shared/data/real/sst2_eval.jsonl", "--max_train_per_task", "4",
+            "--train_files", "sst2=tests/fixtures/real/sst2_train.jsonl",
+            "--eval_files", "sst2=tests/fixtures/real/sst2_eval.jsonl", "--max_train_per_task", "4",
         ])
         train, evaluation, _ = quality.load_benchmark_tasks(files)
-        assert list(train) == ["sst2"] and len(train["sst2"]) == 4 and len(evaluation["sst2"]) == 1000
+        assert list(train) == ["sst2"] and len(train["sst2"]) == 4 and len(evaluation["sst2"]) == 24
         assert quality.with_prefix(train)["sst2"][0]["source"].startswith("sst2: ")
 
         with pytest.raises(ValueError, match="need both training and evaluation"):
             quality.load_benchmark_tasks(quality.parse_arguments([
-                "--train_files", "sst2=../shared/data/real/sst2_train.jsonl",
-                "--eval_files", "agnews=../shared/data/real/agnews_eval.jsonl",
+                "--train_files", "sst2=tests/fixtures/real/sst2_train.jsonl",
+                "--eval_files", "agnews=tests/fixtures/real/agnews_eval.jsonl",
             ]))
     finally:
         os.chdir(cwd)
@@ -106,3 +106,18 @@ def test_quick_preset_keeps_explicit_flags(quality):
     assert args.d_model == quality.QUICK_PRESET["d_model"]
     with pytest.raises(ValueError, match="Unknown method"):
         quality.parse_arguments(["--methods", "multitask_t5", "lora"])
+
+
+def test_missing_data_folder_is_one_clear_error_line(tmp_path):
+    """The full real sets live outside the repository: without them the benchmark names the missing folder in one
+    `error:` line (exit code 2), not a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    missing = tmp_path / "no-such-folder" / "real"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "out"), "--tasks_dir", str(missing)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in run.stderr
+    assert lines[-1].startswith("quality.py: error: --tasks_dir") and str(missing) in lines[-1]
