@@ -468,7 +468,7 @@ class AlterTrainer(Seq2SeqTrainer):
             # (label smoothing, `compute_loss_func`).
             data_collator = MultiTaskDataCollator(processing_class, model=model)
         self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
-        if args.train_tasks is not None:
+        if getattr(args, "train_tasks", None) is not None:  # plain Seq2SeqTrainingArguments have none
             model.set_train_tasks(args.train_tasks)
         callbacks = list(callbacks or [])
         given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]

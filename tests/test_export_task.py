@@ -87,11 +87,11 @@ def test_unknown_task_and_cli(tmp_path, capsys):
     assert main(["export-task", str(tmp_path / "alter"), "sentiment", str(tmp_path / "plain")]) == 0
     assert "wrote" in capsys.readouterr().out
     assert (tmp_path / "plain" / "model.safetensors").is_file()
-    assert main(["export-task", str(tmp_path / "alter"), "sentiment", str(tmp_path / "plain")]) == 1
+    assert main(["export-task", str(tmp_path / "alter"), "sentiment", str(tmp_path / "plain")]) == 2  # a user mistake: exit 2
     assert "not empty" in capsys.readouterr().err
     gated = converted(ffn="gated-gelu", tied=False)
     gated.save_pretrained(tmp_path / "gated")
-    assert main(["export-task", str(tmp_path / "gated"), "topic", str(tmp_path / "g")]) == 1
+    assert main(["export-task", str(tmp_path / "gated"), "topic", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "export-task: error: cannot export task 'topic' exactly" in err and "gated" in err
     assert not (tmp_path / "g").exists()
