@@ -56,3 +56,13 @@ def t5_relu():
 @pytest.fixture
 def t5_gated():
     return tiny_t5("gated-gelu", False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny shapes, where a second thread only adds synchronisation on a busy 2-core
+    machine (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

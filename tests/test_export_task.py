@@ -10,13 +10,7 @@ from hub_upload.export_task import ExportTaskError, export_task, task_to_t5
 from modeling_alter import AlterForConditionalGeneration
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -12,12 +12,7 @@ from modeling_alter import AlterConfig, AlterForConditionalGeneration
 from modeling_alter.mta import AlterMTA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_gated(num_tasks=4, shared=1, top_k=None, mix=0.4, seed=0):

@@ -18,13 +18,7 @@ from modeling_alter.mta import AlterMTA, build_routing
 D, R = 32, 8  # 16-byte aligned rows, so the CPU grouped GEMM path runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation (30x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the straightforward computation ----------------------------------------------------------------------------

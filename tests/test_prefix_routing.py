@@ -9,13 +9,7 @@ from modeling_alter.data import build_eval_datasets
 from modeling_alter.mta import PrefixMatcher, tokenize_prefix
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PREFIXES = {"sentiment": "sst2: ", "copy": "copy: ", "reverse": "rev: "}
