@@ -126,7 +126,7 @@ def test_example_script_trains_a_causal_base_model(tmp_path):
     base = tmp_path / "tiny-qwen2"
     tiny_causal_lm("qwen2").save_pretrained(base)
     tokenizer().save_pretrained(tmp_path / "tokenizer")  # apart: AutoTokenizer would read model_type qwen2 in base
-    real = REPO.parent / "shared" / "data" / "real"
+    real = REPO / "tests" / "fixtures" / "real"  # the committed sample of the real data (see its README)
     out = tmp_path / "out"
     command = [
         sys.executable, str(REPO / "examples" / "train_two_stage.py"), "--base_model", str(base), "--output_dir", str(out),
