@@ -840,7 +840,8 @@ class AlterTasksMixin:
         """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
         prefix, counted from its first attended token (after a leading BOS for decoder-only models). An unmatched
         example gets the unknown task (`num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
-        key = (tuple(self.config.task_names), copy.deepcopy(self.config.task_prefix_ids))
+        ids = self.config.task_prefix_ids or {}
+        key = (tuple(self.config.task_names), tuple((name, tuple(ids[name])) for name in sorted(ids)))
         cached = getattr(self, "_prefix_matcher", None)
         if cached is None or cached[0] != key:
             cached = self._prefix_matcher = (key, prefix_matcher_for(self.config))
