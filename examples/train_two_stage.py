@@ -323,6 +323,18 @@ def comparison_table(stage1: dict, stage2: dict, task_metrics: dict[str, str], w
     return "\n".join(lines)
 
 
+def stage2_change(stage1: dict, stage2: dict, task_metrics: dict[str, str]) -> str:
+    """One sentence saying what stage 2 changed: the mean score before and after, and how many tasks moved."""
+    before, after = stage1.get("eval_mean_score"), stage2.get("eval_mean_score")
+    if before is None or after is None:
+        return "Stage 2 ran; no mean score was computed to compare (pass eval files to score it)."
+    deltas = [stage2[key] - stage1[key] for task, metric in task_metrics.items()
+              if (key := f"eval_{task}_{metric}") in stage1 and key in stage2]
+    up, down = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
+    return (f"Stage 2 changed the mean eval score from {before:.3f} to {after:.3f} ({after - before:+.3f}; "
+            f"{up} task(s) up, {down} down, {len(deltas) - up - down} unchanged).")
+
+
 class PrintStage1Table(TrainerCallback):
     """Prints the per-task table of the evaluation that `StageSwitchCallback` runs just before the switch."""
 
@@ -555,6 +567,7 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     results = {"task_metrics": evaluated_metrics, "train": train_result.metrics}
+    summary = ""
     if eval_datasets:
         final = trainer.evaluate()
         stage1 = trainer.stage1_metrics
@@ -563,6 +576,7 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
             print("\n" + markdown_table(title, final, evaluated_metrics) + "\n")
             if stage1:
                 print(comparison_table(stage1, final, evaluated_metrics, time.time() - start) + "\n")
+                summary = stage2_change(stage1, final, evaluated_metrics)
         results["stages"] = {}
         for stage, metrics in (("1", stage1), (str(trainer.alter_model.config.stage), final)):
             if metrics:
@@ -613,7 +627,7 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
             text = tokenizer.decode(generated[0], skip_special_tokens=True)
             cells = [markdown_cell(value) for value in (example["source"], text, example["target"])]
             print(f"| {task} | " + " | ".join(cells) + " |")
-        print(f"\nSaved to {output_dir}. Wall time: {time.time() - start:.0f} s.")
+        print(f"\nSaved to {output_dir}. Wall time: {time.time() - start:.0f} s. {summary}".rstrip())
     return results
 
 

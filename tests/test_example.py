@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,6 +85,14 @@ def test_default_job_and_base_model_job(tmp_path):
         # The stage-1 table (at the switch), the stage-2 table, the comparison, one generation after reloading.
         assert stdout.count(f"| {task} |") == 4
     assert "Reloaded AlterForConditionalGeneration" in stdout and "Wall time" in stdout
+    # The summary line says what stage 2 changed, with the numbers of eval_results.json.
+    changed = re.search(r"Stage 2 changed the mean eval score from ([0-9.]+) to ([0-9.]+) \(([-+][0-9.]+); "
+                        r"(\d+) task\(s\) up, (\d+) down, (\d+) unchanged\)", stdout)
+    assert changed is not None, stdout[-2000:]
+    stages = json.loads((default_dir / "eval_results.json").read_text())["stages"]
+    assert float(changed[1]) == pytest.approx(stages["1"]["mean_score"], abs=5e-4)
+    assert float(changed[2]) == pytest.approx(stages["2"]["mean_score"], abs=5e-4)
+    assert sum(int(changed[i]) for i in (4, 5, 6)) == len(SYNTHETIC_TASK_NAMES)
     check_model_folder(default_dir, SYNTHETIC_TASK_NAMES)
 
     stdout = finish(base_job)
