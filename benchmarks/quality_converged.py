@@ -159,6 +159,10 @@ class ConvergedArguments:
         default=None,
         metadata={"help": "A previous run's output_dir: reuse its baselines' results and its saved best stage-1 models "
                           "(runs/seed*/stage1_best) and train only stage 2 (for stage-2 experiments)."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Keep the methods an earlier run in the same --output_dir finished (runs/seed*/results.json, "
+                          "runs/seed*/stage1_best) and train only the missing ones."})
     eval_batch_size: int = field(default=64, metadata={"help": "Generation batch size."})
     workers: int = field(default=2, metadata={"help": "Seeds trained in parallel processes."})
     num_threads: int = field(default=1, metadata={"help": "torch threads per worker."})
@@ -435,22 +439,24 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
     run_dir = Path(args.output_dir) / "runs" / f"seed{seed}"
     train_set = data.train_mix(seed)
     plain_set = train_set.remove_columns("task_ids")
-    results = {}
+    results = SeedResults(run_dir / "results.json", resume=args.resume)
     plateau = dict(max_steps=args.max_steps, learning_rate=args.learning_rate, every=args.eval_every)
     if args.reuse_stage1 is not None:
         previous = json.loads((Path(args.reuse_stage1) / "results.json").read_text())["per_seed"][str(seed)]
-        results = {m: r for m, r in previous.items() if m in ("multitask_t5", "shared_adapter", "alter_stage1")}
+        for method in ("multitask_t5", "shared_adapter", "alter_stage1"):
+            if method in previous:
+                results[method] = previous[method]
         model = AlterForConditionalGeneration.from_pretrained(Path(args.reuse_stage1) / "runs" / f"seed{seed}"
                                                               / "stage1_best")
         with_prefixes(model, tokenizer)
         return _stage2(args, data, model, train_set, seed, run_dir, results)
 
-    if "multitask_t5" in args.methods:
+    if "multitask_t5" in args.methods and "multitask_t5" not in results:
         model = backbone(args, seed)
         record = train_to_plateau(args, data, model, plain_set, seed, run_dir / "t5", False, **plateau)
         results["multitask_t5"] = _result(model, data, record, {"all": trainable(model)})
 
-    if "shared_adapter" in args.methods:
+    if "shared_adapter" in args.methods and "shared_adapter" not in results:
         alter = alter_model(args, names, seed, tokenizer)
         extra = sum(p.numel() for m in alter.mta_modules().values() for p in (m.task_down, m.task_up))
         dim = max(1, round(extra / (2 * alter.config.d_model * len(alter.mta_modules()))))
@@ -461,19 +467,41 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
         results["shared_adapter"] = _result(model, data, record, {"all": trainable(model)}, "single", adapter_dim=dim)
 
     if not {"alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
-        return results
-    model = alter_model(args, names, seed, tokenizer)
-    record = train_to_plateau(args, data, model, train_set, seed, run_dir / "stage1", True, **plateau)
-    params1 = trainable(model)
-    results["alter_stage1"] = _result(model, data, record, {"stage 1": params1})
-    model.save_pretrained(run_dir / "stage1_best")
+        return dict(results)
+    if "alter_stage1" in results and (run_dir / "stage1_best" / "config.json").is_file():
+        model = AlterForConditionalGeneration.from_pretrained(run_dir / "stage1_best")
+        with_prefixes(model, tokenizer)
+    else:
+        model = alter_model(args, names, seed, tokenizer)
+        record = train_to_plateau(args, data, model, train_set, seed, run_dir / "stage1", True, **plateau)
+        model.save_pretrained(run_dir / "stage1_best")
+        results["alter_stage1"] = _result(model, data, record, {"stage 1": trainable(model)})
     if not {"alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
-        return results
+        return dict(results)
     return _stage2(args, data, model, train_set, seed, run_dir, results)
+
+
+class SeedResults(dict):
+    """One seed's method -> result, written to `path` (atomically) after every method, so that an interrupted run
+    keeps what it finished and `--resume` trains only what is missing."""
+
+    def __init__(self, path: Path, resume: bool):
+        super().__init__(json.loads(path.read_text()) if resume and path.is_file() else {})
+        self.path = path
+
+    def __setitem__(self, method, result):
+        super().__setitem__(method, result)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(dict(self), indent=1))
+        os.replace(partial, self.path)
 
 
 def _stage2(args, data, model, train_set, seed, run_dir, results):
     """Stage 2 from the best stage-1 weights in `model`, at most `stage2_budget` of stage 1's steps."""
+    wanted = {"alter_two_stage"} | ({"alter_no_task_ids", "alter_gate_only"} & set(args.methods))
+    if wanted <= set(results):
+        return dict(results)
     record = results["alter_stage1"]
     params1 = record["trainable_parameters"]["stage 1"]
     model.set_stage(2)
@@ -497,7 +525,7 @@ def _stage2(args, data, model, train_set, seed, run_dir, results):
         results["alter_no_task_ids"] = _result(model, data, two_stage, params, "none")
     if "alter_gate_only" in args.methods:
         results["alter_gate_only"] = _result(model, data, two_stage, params, "gate")
-    return results
+    return dict(results)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

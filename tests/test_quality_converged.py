@@ -90,6 +90,17 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
     assert "Stage 2 over the very stage-1 weights" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Every seed's results were kept as its methods finished; --resume trains nothing that is there and reports the
+    # same numbers.
+    for seed in ("0", "1"):
+        kept = json.loads((tmp_path / "runs" / f"seed{seed}" / "results.json").read_text())
+        assert kept == record["per_seed"][seed]
+    rerun = subprocess.run(command + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert " step 2: dev " not in rerun.stdout  # no early-stopping evaluation: nothing trained
+    assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == record["per_seed"]
+
 
 def test_real_configuration_names_a_missing_data_folder(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
