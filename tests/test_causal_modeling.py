@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
-from causal_utils import PAD, TASKS, left_padded_batch, randomize_adapters, row, tiny_causal_alter, tiny_causal_lm
+from causal_utils import TASKS, left_padded_batch, row, tiny_causal_alter, tiny_causal_lm
 from modeling_alter import AlterCausalConfig, AlterForCausalLM
 
 
