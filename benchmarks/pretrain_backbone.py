@@ -30,7 +30,6 @@ early the run is NOT reproducible, and the README says so.
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex

@@ -443,21 +443,38 @@ def make_causal_alter(plain, stage, top_k=None, num_tasks=8):
     return model.to(plain.device).eval()
 
 
-def causal_flop_ratio(config, kind, tokens_in_context, train=False, num_tasks=8, top_k=2):
-    """Analytic FLOP ratio of ALTER (FFN-placed MTA) to the plain LM, per token: projections, MLP, attention scores
-    over `tokens_in_context`, LM head. A training step is forward + backward: 3x the forward for full fine-tuning,
-    2x for a frozen backbone (activation gradients only) plus 3x the adapters'."""
+def causal_adapter_flops(config, kind, num_tasks=8, top_k=2):
+    """FLOPs the MTA modules (FFN-placed) add per token, over all layers: the adapters computed and, in stage 2, the
+    router."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    n = num_tasks + SHARED
+    adapters = {"s1": 1, "s2_dense": n, "s2_topk": top_k + 1}[kind] * 4 * d * ADAPTER_DIM * L
+    return adapters + (2 * d * n * L if kind != "s1" else 0)
+
+
+def causal_backbone_flops(config, tokens, attended, heads):
+    """FLOPs of the plain LM for `tokens` tokens that attend to `attended` (token, position) pairs in all, with the
+    LM head computed for `heads` of them: projections, MLP, attention scores and values, head."""
     d, ff, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    layer = 2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * ff + 4 * tokens_in_context * d
-    backbone = L * layer + 2 * d * V
-    n = num_tasks + SHARED
-    per_adapter = 4 * d * ADAPTER_DIM
-    adapters = {"s1": 1, "s2_dense": n, "s2_topk": top_k + 1}[kind] * per_adapter * L
-    if kind != "s1":
-        adapters += 2 * d * n * L  # the router
-    if not train:
-        return (backbone + adapters) / backbone
+    per_token = 2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * ff
+    return L * (tokens * per_token + 4 * d * attended) + heads * 2 * d * V
+
+
+def causal_flop_ratio(config, kind, prompt, new_tokens=None, num_tasks=8, top_k=2):
+    """Analytic FLOP ratio of ALTER (FFN-placed MTA) to the plain LM.
+
+    Generation (`new_tokens` given): the prompt's forward pass, with the LM head on its last position only (as
+    `generate` computes it), then one token per further step. A training step (`new_tokens=None`) on sequences of
+    `prompt` tokens is forward + backward: 3x the forward for full fine-tuning, 2x for a frozen backbone (activation
+    gradients only) plus 3x the adapters'."""
+    if new_tokens is not None:
+        tokens = prompt + new_tokens - 1
+        attended = prompt * (prompt + 1) // 2 + sum(prompt + i for i in range(1, new_tokens))
+        backbone = causal_backbone_flops(config, tokens, attended, heads=new_tokens)
+        return (backbone + tokens * causal_adapter_flops(config, kind, num_tasks, top_k)) / backbone
+    backbone = causal_backbone_flops(config, prompt, prompt * (prompt // 2), heads=prompt)  # mean context: half
+    adapters = prompt * causal_adapter_flops(config, kind, num_tasks, top_k)
     if kind == "s1":
         return (3 * backbone + 3 * adapters) / (3 * backbone)
     return (2 * backbone + 3 * adapters) / (3 * backbone)
@@ -482,10 +499,9 @@ def causal_section(args, log):
     with torch.no_grad():
         times = interleaved(fns, args.reps, args.clock_fn, log=log)
     results = {}
-    context = prompt + args.new_tokens // 2
     for name in fns:
         kind = "s1" if name.startswith("s1") else name
-        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, kind, context)
+        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, kind, prompt, args.new_tokens)
         results[f"causal_gen_{name}"] = dict(
             ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
             median_ms=1e3 * statistics.median(times[name]), rounds_ms=[1e3 * t for t in times[name]])
@@ -499,7 +515,7 @@ def causal_section(args, log):
     log(f"causal train step: {', '.join(fns)}")
     times = interleaved(fns, args.train_reps, args.clock_fn, log=log)
     for name in fns:
-        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, name, args.train_src // 2, train=True)
+        flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, name, args.train_src)
         results[f"causal_train_{name}"] = dict(
             ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
             trainable=sum(p.numel() for p in train[name][0].parameters() if p.requires_grad),

@@ -430,7 +430,10 @@ class AlterForCausalLM(AlterTasksMixin, AlterCausalPreTrainedModel, GenerationMi
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        # Contiguous, so the head is one GEMM: a strided [batch, k, hidden] slice of a longer sequence would make
+        # `matmul` broadcast the [vocab, hidden] weight into a batched GEMM when the weight needs no gradient (a
+        # frozen backbone), at several times the cost of the plain model's head.
+        logits = self.lm_head(hidden_states.contiguous())
 
         loss = None
         if labels is not None:

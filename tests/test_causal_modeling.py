@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
-from causal_utils import PAD, TASKS, left_padded_batch, randomize_adapters, row, tiny_causal_alter, tiny_causal_lm
+from causal_utils import TASKS, left_padded_batch, row, tiny_causal_alter, tiny_causal_lm
 from modeling_alter import AlterCausalConfig, AlterForCausalLM
 
 
@@ -156,6 +156,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 # ---- generate ------------------------------------------------------------------------------------------------------
+
+
+def test_the_head_of_a_frozen_model_reads_the_kept_positions_contiguous():
+    """`logits_to_keep` (1 in `generate`) slices a longer sequence; given that strided slice, `matmul` would broadcast
+    a weight that needs no gradient (stage 2: frozen backbone) into a batched GEMM, several times the plain model's
+    cost for the head. The head gets the kept positions contiguous, and the logits are those of the full run."""
+    model = tiny_causal_alter("llama", stage=2)
+    assert not model.lm_head.weight.requires_grad
+    contiguous = []
+    model.lm_head.register_forward_hook(lambda module, args, out: contiguous.append(args[0].is_contiguous()))
+    batch = left_padded_batch()
+    with torch.no_grad():
+        last = model(**batch, logits_to_keep=1).logits
+        full = model(**batch).logits
+    assert contiguous == [True, True]
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
 
 DECODING = {
     "greedy": dict(do_sample=False),

@@ -1,7 +1,5 @@
 """The ALTER model: conversion, stages, routing, generation, save/load, and the usual Transformers machinery."""
 
-import threading
-
 import pytest
 import torch
 
