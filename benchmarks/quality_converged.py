@@ -42,6 +42,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -71,6 +72,7 @@ from modeling_alter.synthetic_tasks import SYNTHETIC_TASK_NAMES, default_metric_
 from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments  # noqa: E402
 
 METHODS = {
+    "majority_label": "Majority label (no model: each task's most frequent training target)",
     "multitask_t5": "Multi-task T5, full fine-tuning",
     "shared_adapter": "Multi-task T5 + one shared adapter",
     "alter_stage1": "ALTER stage 1 (= two-stage at the switch)",
@@ -79,7 +81,7 @@ METHODS = {
     "alter_gate_only": "ALTER two-stage, no task ids, gate only",
 }
 REFERENCE = "multitask_t5"
-DEFAULT_METHODS = ["multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"]
+DEFAULT_METHODS = ["majority_label", "multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"]
 
 # Real tasks: folder (relative to ../shared/data), metrics (the first one counts in the overall mean).
 REAL_TASKS = {
@@ -417,6 +419,20 @@ def _result(model, data, record, params, routing="task_ids", **extra):
                 eval_seconds=time.perf_counter() - start, trainable_parameters=params, **extra)
 
 
+def majority_result(data: TaskData) -> dict:
+    """The floor every method must clear: each task's most frequent training target predicted for every eval row
+    (for a label task, the majority-class accuracy of its eval rows)."""
+    scores = {}
+    for task in data.task_names:
+        guess = Counter(row["target"] for row in data.train[task]).most_common(1)[0][0]
+        references = data.eval_sets[task]["target_text"]
+        scores[task] = {metric: compute_metric(metric, [guess] * len(references), references)
+                        for metric in data.metrics[task]}
+    overall = float(np.mean([scores[t][data.metrics[t][0]] for t in data.task_names]))
+    return dict(best_step=0, steps_trained=0, best_dev=None, curve=[], train_seconds=0.0, dev_eval_seconds=0.0,
+                scores=scores, overall=overall, eval_seconds=0.0, trainable_parameters={})
+
+
 def stage2_task_adapter_optimizer(model, lr, task_adapter_ratio):
     """Experiment: AdamW over stage 2's parameters at `lr` plus the task adapters at `task_adapter_ratio * lr`."""
     adapters = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("task_down", "task_up")]
@@ -450,6 +466,9 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
                                                               / "stage1_best")
         with_prefixes(model, tokenizer)
         return _stage2(args, data, model, train_set, seed, run_dir, results)
+
+    if "majority_label" in args.methods and "majority_label" not in results:
+        results["majority_label"] = majority_result(data)
 
     if "multitask_t5" in args.methods and "multitask_t5" not in results:
         model = backbone(args, seed)
@@ -573,6 +592,8 @@ def summarize(per_seed: dict, task_names, metrics) -> dict:
 
 def _best_examples(result):
     """Training examples seen until the selected checkpoint (for stage 2: stage 1's run, then stage 2's steps)."""
+    if not result["curve"]:
+        return 0
     for examples, score in result["curve"]:
         if abs(score - result["best_dev"]) < 1e-12:
             return examples
@@ -597,8 +618,11 @@ def render_table(summary, per_seed, task_names, metrics, batch_size) -> str:
             cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} seeds better)")
         else:
             cells.append("—")
-        cells.append("; ".join(f"{k}: {v:,}" for k, v in result["trainable_parameters"].items()))
+        cells.append("; ".join(f"{k}: {v:,}" for k, v in result["trainable_parameters"].items()) or "—")
         runs = [per_seed[s][method] for s in per_seed]
+        if method == "majority_label":
+            lines.append("| " + " | ".join(cells + ["—", "—"]) + " |")
+            continue
         if method in ("alter_two_stage", "alter_no_task_ids", "alter_gate_only"):
             steps = " / ".join(f"{r['stage1_best_step']}+{r['best_step']} ({r['stage1_steps_trained']}+"
                                f"{r['steps_trained']})" for r in runs)
@@ -634,7 +658,7 @@ def plot_curves(per_seed, path, title):
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     for seed_index, (seed, results) in enumerate(per_seed.items()):
         for method, result in results.items():
-            if method in ("alter_no_task_ids", "alter_gate_only"):
+            if method in ("alter_no_task_ids", "alter_gate_only") or not result["curve"]:
                 continue
             xs, ys = zip(*result["curve"])
             axis.plot(xs, 100 * np.asarray(ys), color=colors[method], alpha=0.8, linewidth=1.2,
@@ -672,13 +696,18 @@ def main(argv=None):
             per_seed[seed] = run_seed(args, seed)
             print(f"[converged] seed {seed} done", flush=True)
     total = time.perf_counter() - start
+    command = "python benchmarks/quality_converged.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    previous = output_dir / "results.json"
+    if args.resume and previous.is_file():  # report the whole run: the first command and both wall times
+        earlier = json.loads(previous.read_text())
+        total += earlier["total_seconds"]
+        command = f"{earlier['command']}` (resumed with `{command.strip()}`)"
     # Tasks and their metrics (first: the one in the overall mean) as the runs scored them; no second data load.
     first_result = next(iter(per_seed[args.seeds[0]].values()))
     metrics = {task: list(scores) for task, scores in first_result["scores"].items()}
     task_names = list(metrics)
     summary = summarize(per_seed, task_names, metrics)
     table = render_table(summary, per_seed, task_names, metrics, args.batch_size)
-    command = "python benchmarks/quality_converged.py " + " ".join(sys.argv[1:] if argv is None else argv)
     setup = (f"- Configuration `{args.config}`; tasks {task_names}; {args.num_train_per_task} train / "
              f"{args.num_dev_per_task} dev (carved from train) / ≤ {args.num_eval_per_task} eval rows per task; "
              f"seeds {args.seeds}.\n"

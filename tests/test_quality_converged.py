@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,16 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
     assert set(record["summary"]) == set(converged.METHODS)
     for method, entry in record["summary"].items():
         assert all(math.isfinite(v) for v in entry["overall"]), method
+    # The majority-label floor: each task's most frequent training target, scored on the eval rows.
+    arguments = converged.parse_arguments(command[command.index("--config"):])
+    train, _, evaluation, _ = converged.load_tasks(arguments)
+    for seed in ("0", "1"):
+        floor = record["per_seed"][seed].pop("majority_label")
+        guess = Counter(row["target"] for row in train["sentiment"]).most_common(1)[0][0]
+        expected = sum(row["target"] == guess for row in evaluation["sentiment"]) / len(evaluation["sentiment"])
+        assert floor["scores"]["sentiment"]["accuracy"] == pytest.approx(expected)
+        assert floor["steps_trained"] == 0 and floor["trainable_parameters"] == {}
+    assert "| Majority label" in (tmp_path / "results.md").read_text()
     for seed in ("0", "1"):
         results = record["per_seed"][seed]
         for method, result in results.items():
@@ -92,6 +103,7 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
 
     # Every seed's results were kept as its methods finished; --resume trains nothing that is there and reports the
     # same numbers.
+    record = json.loads((tmp_path / "results.json").read_text())
     for seed in ("0", "1"):
         kept = json.loads((tmp_path / "runs" / f"seed{seed}" / "results.json").read_text())
         assert kept == record["per_seed"][seed]
@@ -99,7 +111,9 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
                            check=False)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert " step 2: dev " not in rerun.stdout  # no early-stopping evaluation: nothing trained
-    assert json.loads((tmp_path / "results.json").read_text())["per_seed"] == record["per_seed"]
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["per_seed"] == record["per_seed"]
+    assert "(resumed with" in resumed["command"] and resumed["total_seconds"] > record["total_seconds"]
 
 
 def test_real_configuration_names_a_missing_data_folder(tmp_path):
