@@ -826,7 +826,8 @@ def main(argv=None):
         results.update(causal_section(args, log))
     run = dict(
         results=results, errors=errors, scaling=scaling,
-        setup=dict(device=args.device, dtype=str(dtype), threads=args.threads, clock=args.clock, rounds=args.reps,
+        setup=dict(command=" ".join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)]),
+                   device=args.device, dtype=str(dtype), threads=args.threads, clock=args.clock, rounds=args.reps,
                    train_rounds=args.train_reps,
                    quick=args.quick, new_tokens=args.new_tokens, train_source_tokens=args.train_src,
                    torch=torch.__version__, python=platform.python_version(), machine=platform.processor() or

@@ -130,10 +130,14 @@ def _matmul_per_group(x: torch.Tensor, weights: torch.Tensor, groups: RowGroups)
             and not (torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad))
             and not torch.compiler.is_compiling()):
         return _grouped_mm(x, weights, offs=groups.offsets)
+    adapters = groups.adapters
     if torch.is_grad_enabled() and weights.requires_grad:
-        weights = weights.unbind(0)  # its backward fills one gradient of the bank, not one per block
+        # Only the used adapters, unbound: the backward stacks their gradients and writes them into one zero gradient
+        # of the bank (unbinding the bank would stack a zero tensor per unused adapter: the whole bank at every step).
+        weights = weights.index_select(0, torch.tensor(adapters, device=weights.device)).unbind(0)
+        adapters = range(len(adapters))
     blocks = x.split(groups.sizes)
-    return torch.cat([block @ weights[a] for a, block in zip(groups.adapters, blocks)])
+    return torch.cat([block @ weights[a] for a, block in zip(adapters, blocks)])
 
 
 def _masked_token_mean(values, token_mask):

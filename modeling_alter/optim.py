@@ -74,7 +74,7 @@ class RowSparseAdamW(torch.optim.AdamW):
     def _row_step(self, p, grad, group):
         if grad.is_sparse:
             raise ValueError("RowSparseAdamW needs dense gradients.")
-        rows = grad.reshape(grad.shape[0], -1).ne(0).any(1).nonzero().flatten().tolist()
+        rows = grad.reshape(grad.shape[0], -1).any(1).nonzero().flatten().tolist()  # one read, no temporary
         state = self.state[p]
         if "exp_avg" not in state:
             state["step"] = torch.zeros(p.shape[0], dtype=torch.float32)

@@ -1,5 +1,7 @@
 """Many tasks: the row-sparse AdamW of the task-adapter banks (issue 11, part 5)."""
 
+import copy
+
 import pytest
 import torch
 from training_utils import tiny_args, tiny_data, tiny_model, tokenizer
@@ -43,6 +45,43 @@ def test_row_sparse_adamw_equals_adamw_on_per_task_parameters(amsgrad):
     restored = RowSparseAdamW([bank, other], row_sparse=[bank], **kwargs)
     restored.load_state_dict(sparse.state_dict())
     assert torch.equal(restored.state[bank]["step"], sparse.state[bank]["step"])
+
+
+@pytest.mark.parametrize("adapter_form", ["plain", "gated"])
+def test_training_steps_equal_adamw_on_per_task_adapters(adapter_form):
+    """Through the model (mixed-task and one-task batches, so both gathers of a bank's rows): a bank's gradient is
+    exactly zero on the rows of the tasks not in the batch, and over several steps `RowSparseAdamW` gives every
+    parameter exactly what `torch.optim.AdamW` gives the same model whose task adapters are one parameter per task
+    (None gradient, hence no update and no weight decay, for the tasks a step does not train)."""
+    from conftest import random_batch, tiny_alter
+
+    model = tiny_alter(adapter_form=adapter_form).train()
+    reference = copy.deepcopy(model)
+    kwargs = dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.9))
+    sparse = RowSparseAdamW([p for p in model.parameters() if p.requires_grad], row_sparse=model.task_adapter_banks(),
+                            **kwargs)
+    banks = reference.task_adapter_banks()
+    per_task = [[torch.nn.Parameter(bank.detach()[i].clone()) for i in range(bank.shape[0])] for bank in banks]
+    others = [p for p in reference.parameters() if p.requires_grad and all(p is not bank for bank in banks)]
+    dense = torch.optim.AdamW(others + [p for rows in per_task for p in rows], **kwargs)
+    for step, tasks in enumerate([[0, 2, 0, 2], [1, 1, 1, 1], [2, 1, 1, 2], [0, 0, 0, 0], [2, 0, 1, 0]]):
+        batch, task_ids = random_batch(seed=step), torch.tensor(tasks)
+        for m in (model, reference):
+            m(**batch, task_ids=task_ids).loss.backward()
+        for bank, rows in zip(banks, per_task):
+            for i, p in enumerate(rows):
+                p.grad = bank.grad[i].clone() if i in tasks else None
+                assert (i in tasks) == bool(bank.grad[i].any()), (step, i)
+            bank.grad = None
+        sparse.step()
+        dense.step()
+        for opt in (sparse, dense):
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for bank, rows in zip(banks, per_task):
+                bank.copy_(torch.stack(rows))
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p, q), (step, name)
 
 
 def test_row_sparse_adamw_refuses_capturable():
