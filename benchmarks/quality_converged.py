@@ -668,7 +668,7 @@ def plot_curves(per_seed, path, title):
             axis.plot([best], [100 * result["best_dev"]], marker="o", color=colors[method], markersize=4)
     axis.set_xlabel("training examples seen (optimizer steps × batch)")
     axis.set_ylabel("dev mean score (%)")
-    axis.set_title(title + "\n(dots: the selected checkpoint; stage 2 continues from stage 1's last step)", fontsize=9)
+    axis.set_title(title + "\n(dots: the selected checkpoints; stage 2 starts from stage 1's best weights, drawn after stage 1's last step)", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=6, ncol=2)
     figure.tight_layout()
@@ -678,11 +678,14 @@ def plot_curves(per_seed, path, title):
 
 def main(argv=None):
     args = parse_arguments(argv)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.config == "real" and not Path(args.data_dir).is_dir():
+        raise SystemExit(f"error: the real-task data folder {args.data_dir} does not exist; this benchmark reads "
+                         "../shared/data/real and ../shared/data/tasks beside the repository (or --data_dir).")
     if args.config == "real" and not Path(args.backbone, "config.json").is_file():
         raise SystemExit(f"error: no pretrained backbone in {args.backbone}; run benchmarks/pretrain_backbone.py "
                          "or pass --backbone FOLDER.")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     per_seed = {}
     if args.workers > 1 and len(args.seeds) > 1:
@@ -696,12 +699,14 @@ def main(argv=None):
             per_seed[seed] = run_seed(args, seed)
             print(f"[converged] seed {seed} done", flush=True)
     total = time.perf_counter() - start
-    command = "python benchmarks/quality_converged.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("python benchmarks/quality_converged.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    resumed_with = []
     previous = output_dir / "results.json"
-    if args.resume and previous.is_file():  # report the whole run: the first command and both wall times
+    if args.resume and previous.is_file():  # report the whole run: the first command, every resume, all wall time
         earlier = json.loads(previous.read_text())
         total += earlier["total_seconds"]
-        command = f"{earlier['command']}` (resumed with `{command.strip()}`)"
+        resumed_with = [*earlier.get("resumed_with", []), command]
+        command = earlier["command"]
     # Tasks and their metrics (first: the one in the overall mean) as the runs scored them; no second data load.
     first_result = next(iter(per_seed[args.seeds[0]].values()))
     metrics = {task: list(scores) for task, scores in first_result["scores"].items()}
@@ -719,10 +724,10 @@ def main(argv=None):
              f"{args.stage2_eval_every} steps; task adapters in stage 2 at lr ratio "
              f"{args.stage2_task_adapter_lr_ratio:g}.\n"
              f"- Total wall time {total / 60:.1f} min ({args.workers} worker processes × {args.num_threads} "
-             f"thread). Command: `{command.strip()}`")
+             f"thread). Command: `{command}`" + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")
     report = f"{table}\n\n{setup}\n"
     print("\n" + report, flush=True)
-    record = dict(command=command.strip(), arguments=asdict(args), task_names=task_names, metrics=metrics,
+    record = dict(command=command, resumed_with=resumed_with, arguments=asdict(args), task_names=task_names, metrics=metrics,
                   summary=summary, per_seed={str(s): r for s, r in per_seed.items()}, total_seconds=total,
                   environment=dict(python=platform.python_version(), torch=torch.__version__,
                                    transformers=__import__("transformers").__version__, cpu_count=os.cpu_count()))

@@ -140,6 +140,27 @@ def _matmul_per_group(x: torch.Tensor, weights: torch.Tensor, groups: RowGroups)
     return torch.cat([block @ weights[a] for a, block in zip(adapters, blocks)])
 
 
+class _UnitClamp(torch.autograd.Function):
+    """`clamp(x, 0, 1)` whose gradient also passes where `x` lies outside [0, 1] and the gradient points back inside.
+
+    A plain clamp has a zero gradient outside its range, so a parameter that one optimizer step pushes below 0 never
+    comes back (`gate_mix` starts at exactly 0, where that happens on the first stage-2 step whose gradient favours
+    the one-hot route). Passing only the inward gradients keeps the forward value and lets the loss reopen the mix.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # gradient descent moves x by -grad: below 0 it may only move up (grad < 0), above 1 only down (grad > 0)
+        passes = ((x >= 0) & (x <= 1)) | ((x < 0) & (grad < 0)) | ((x > 1) & (grad > 0))
+        return torch.where(passes, grad, torch.zeros_like(grad))
+
+
 def _masked_token_mean(values, token_mask):
     """Mean over dim 1 of [batch, length, ...] values, counting only tokens where `token_mask` is true."""
     if token_mask is None:
@@ -220,7 +241,7 @@ class AlterMTA(nn.Module):
         if self.top_k is not None and self.top_k < self.num_adapters:
             top_values, top_index = probs.topk(self.top_k, dim=-1)
             gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
-        mix = torch.where(own.known, self.gate_mix.float().clamp(0, 1), 1.0)
+        mix = torch.where(own.known, _UnitClamp.apply(self.gate_mix.float()), 1.0)
         weights = torch.lerp(own.one_hot, gate, mix)
         # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
         # not move the output, and they and the gate learn from the first stage-2 step.

@@ -326,3 +326,39 @@ def test_decoder_routing_statistics_ignore_padded_targets():
                       labels=batch["labels"][1:, :3], task_ids=task_ids[1:], output_routing_weights=True)
     torch.testing.assert_close(together.routing_weights[1], alone.routing_weights[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together.routing_entropy[1], alone.routing_entropy[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gate_mix_below_zero_gets_the_gradient_that_brings_it_back():
+    """`m = clamp(gate_mix, 0, 1)`: once an optimizer step pushes `gate_mix` below 0 (it starts at exactly 0), a plain
+    clamp's zero gradient would keep the task adapters one-hot for the rest of stage 2. The inward gradient passes."""
+    model = tiny_alter().train()
+    model.set_stage(2)
+    batch, task_ids = random_batch(), torch.tensor([0, 1, 2, 0])
+    mtas = list(model.mta_modules().values())
+    with torch.no_grad():
+        for mta in mtas:
+            mta.gate_mix.fill_(0.5)
+        target = model(**batch, task_ids=task_ids).logits  # what the model gives with the gate mixed in
+        for mta in mtas:
+            mta.gate_mix.fill_(-0.05)
+        one_hot = model(**batch, task_ids=task_ids).logits
+        for mta in mtas:
+            mta.gate_mix.fill_(0.0)
+        # the forward clamps: below 0 is exactly the one-hot route
+        torch.testing.assert_close(model(**batch, task_ids=task_ids).logits, one_hot, rtol=0, atol=0)
+        for mta in mtas:
+            mta.gate_mix.fill_(-0.05)
+    # a loss that wants the mix back: every gate_mix gets a gradient pointing up (descent moves it by -grad)
+    ((model(**batch, task_ids=task_ids).logits - target) ** 2).mean().backward()
+    assert all(mta.gate_mix.grad is not None and mta.gate_mix.grad < 0 for mta in mtas)
+    # a loss that wants it further out gets no gradient: the parameter does not drift below 0
+    model.zero_grad()
+    ((model(**batch, task_ids=task_ids).logits - target) ** 2).mean().neg().backward()
+    assert all(mta.gate_mix.grad == 0 for mta in mtas)
+    # inside [0, 1] the gradient passes as through a plain clamp
+    model.zero_grad()
+    for mta in mtas:
+        with torch.no_grad():
+            mta.gate_mix.fill_(0.3)
+    ((model(**batch, task_ids=task_ids).logits - target) ** 2).mean().backward()
+    assert all(mta.gate_mix.grad != 0 for mta in mtas)

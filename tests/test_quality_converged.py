@@ -113,13 +113,22 @@ def test_tiny_synthetic_run_end_to_end(tmp_path, converged):
     assert " step 2: dev " not in rerun.stdout  # no early-stopping evaluation: nothing trained
     resumed = json.loads((tmp_path / "results.json").read_text())
     assert resumed["per_seed"] == record["per_seed"]
-    assert "(resumed with" in resumed["command"] and resumed["total_seconds"] > record["total_seconds"]
+    assert resumed["command"] == record["command"] and resumed["total_seconds"] > record["total_seconds"]
+    assert resumed["resumed_with"] == [record["command"] + " --resume"]
 
 
 def test_real_configuration_names_a_missing_data_folder(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--config", "real", "--data_dir", str(tmp_path / "nowhere"),
+         "--backbone", str(tmp_path / "no-backbone"), "--output_dir", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert run.returncode != 0
+    assert "nowhere" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written or loaded
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", "real", "--data_dir", str(tmp_path),
          "--backbone", str(tmp_path / "no-backbone"), "--output_dir", str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
