@@ -260,7 +260,7 @@ class RoutingStatistics:
         import matplotlib.pyplot as plt
 
         figure = self.figure(title)
-        figure.savefig(path, dpi=120)
+        figure.savefig(path, dpi=120, bbox_inches="tight")  # keeps the colour-bar label inside the picture
         plt.close(figure)
 
     def figure(self, title: str | None = None):
