@@ -81,7 +81,8 @@ METHODS = {
     "alter_gate_only": "ALTER two-stage, no task ids, gate only",
 }
 REFERENCE = "multitask_t5"
-DEFAULT_METHODS = ["majority_label", "multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"]
+DEFAULT_METHODS = ["majority_label", "multitask_t5", "alter_stage1", "alter_two_stage", "alter_no_task_ids",
+                   "alter_gate_only"]
 
 # Real tasks: folder (relative to ../shared/data), metrics (the first one counts in the overall mean).
 REAL_TASKS = {
@@ -163,8 +164,8 @@ class ConvergedArguments:
                           "(runs/seed*/stage1_best) and train only stage 2 (for stage-2 experiments)."})
     resume: bool = field(
         default=False,
-        metadata={"help": "Keep the methods an earlier run in the same --output_dir finished (runs/seed*/results.json, "
-                          "runs/seed*/stage1_best) and train only the missing ones."})
+        metadata={"help": "Keep the methods an earlier run with the same arguments in the same --output_dir finished "
+                          "(runs/seed*/results.json, runs/seed*/stage1_best) and train only the missing ones."})
     eval_batch_size: int = field(default=64, metadata={"help": "Generation batch size."})
     workers: int = field(default=2, metadata={"help": "Seeds trained in parallel processes."})
     num_threads: int = field(default=1, metadata={"help": "torch threads per worker."})
