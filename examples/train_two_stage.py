@@ -605,7 +605,8 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
 
         auto_class = AutoModelForCausalLM if decoder_only else AutoModelForSeq2SeqLM
         reloaded = auto_class.from_pretrained(output_dir, trust_remote_code=True).eval()
-        print(f"Reloaded {type(reloaded).__name__} from {output_dir} (trust_remote_code=True). One generation per task:\n")
+        print(f"Reloaded {type(reloaded).__name__} from {output_dir} through {auto_class.__name__} "
+              "(trust_remote_code=True). One generation per task:\n")
         print("| task | input | generation | reference |\n|---|---|---|---|")
         samples = eval_specs or train_specs
         for task in task_names:

@@ -84,7 +84,8 @@ def test_default_job_and_base_model_job(tmp_path):
     for task in SYNTHETIC_TASK_NAMES:
         # The stage-1 table (at the switch), the stage-2 table, the comparison, one generation after reloading.
         assert stdout.count(f"| {task} |") == 4
-    assert "Reloaded AlterForConditionalGeneration" in stdout and "Wall time" in stdout
+    assert "Reloaded AlterForConditionalGeneration from" in stdout and "through AutoModelForSeq2SeqLM" in stdout
+    assert "Wall time" in stdout
     # The summary line says what stage 2 changed, with the numbers of eval_results.json.
     changed = re.search(r"Stage 2 changed the mean eval score from ([0-9.]+) to ([0-9.]+) \(([-+][0-9.]+); "
                         r"(\d+) task\(s\) up, (\d+) down, (\d+) unchanged\)", stdout)
