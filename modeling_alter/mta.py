@@ -241,7 +241,8 @@ class AlterMTA(nn.Module):
         if self.top_k is not None and self.top_k < self.num_adapters:
             top_values, top_index = probs.topk(self.top_k, dim=-1)
             gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
-        mix = torch.where(own.known, _UnitClamp.apply(self.gate_mix.float()), 1.0)
+        mix = self.gate_mix.float()
+        mix = torch.where(own.known, _UnitClamp.apply(mix) if mix.requires_grad else mix.clamp(0, 1), 1.0)
         weights = torch.lerp(own.one_hot, gate, mix)
         # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
         # not move the output, and they and the gate learn from the first stage-2 step.
