@@ -458,11 +458,16 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
     plain_set = train_set.remove_columns("task_ids")
     results = SeedResults(run_dir / "results.json", resume=args.resume)
     plateau = dict(max_steps=args.max_steps, learning_rate=args.learning_rate, every=args.eval_every)
+    stage2_methods = {"alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods)
+    if stage2_methods or args.reuse_stage1 is not None:
+        stage2_methods.add("alter_two_stage")  # the others are scored on its model
     if args.reuse_stage1 is not None:
         previous = json.loads((Path(args.reuse_stage1) / "results.json").read_text())["per_seed"][str(seed)]
         for method in ("multitask_t5", "shared_adapter", "alter_stage1"):
             if method in previous:
                 results[method] = previous[method]
+        if stage2_methods <= set(results):
+            return dict(results)
         model = AlterForConditionalGeneration.from_pretrained(Path(args.reuse_stage1) / "runs" / f"seed{seed}"
                                                               / "stage1_best")
         with_prefixes(model, tokenizer)
@@ -486,7 +491,7 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
                                   routing="single")
         results["shared_adapter"] = _result(model, data, record, {"all": trainable(model)}, "single", adapter_dim=dim)
 
-    if not {"alter_stage1", "alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
+    if not ({"alter_stage1"} & set(args.methods) | stage2_methods) - set(results):
         return dict(results)
     if "alter_stage1" in results and (run_dir / "stage1_best" / "config.json").is_file():
         model = AlterForConditionalGeneration.from_pretrained(run_dir / "stage1_best")
@@ -496,7 +501,7 @@ def run_seed(args: ConvergedArguments, seed: int) -> dict:
         record = train_to_plateau(args, data, model, train_set, seed, run_dir / "stage1", True, **plateau)
         model.save_pretrained(run_dir / "stage1_best")
         results["alter_stage1"] = _result(model, data, record, {"stage 1": trainable(model)})
-    if not {"alter_two_stage", "alter_no_task_ids", "alter_gate_only"} & set(args.methods):
+    if not stage2_methods:
         return dict(results)
     return _stage2(args, data, model, train_set, seed, run_dir, results)
 
@@ -519,9 +524,6 @@ class SeedResults(dict):
 
 def _stage2(args, data, model, train_set, seed, run_dir, results):
     """Stage 2 from the best stage-1 weights in `model`, at most `stage2_budget` of stage 1's steps."""
-    wanted = {"alter_two_stage"} | ({"alter_no_task_ids", "alter_gate_only"} & set(args.methods))
-    if wanted <= set(results):
-        return dict(results)
     record = results["alter_stage1"]
     params1 = record["trainable_parameters"]["stage 1"]
     model.set_stage(2)
