@@ -1,6 +1,5 @@
 """Smoke tests of examples/train_two_stage.py: the embedded default job and fine-tuning a T5 checkpoint on real data."""
 
-import importlib.util
 import json
 import os
 import re
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-from training_utils import REPO
+from training_utils import REPO, import_script
 
 from modeling_alter.synthetic_tasks import SYNTHETIC_TASK_NAMES
 
@@ -105,10 +104,7 @@ def test_default_job_and_base_model_job(tmp_path):
 
 
 def load_example_module():
-    spec = importlib.util.spec_from_file_location("train_two_stage", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(EXAMPLE, "train_two_stage")
 
 
 def test_example_argument_errors(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TASKS, random_batch, tiny_t5
-from test_mta_fast_paths import D, R, reference_gate, routing_for
+from test_mta_fast_paths import D, make_mta, reference_gate, routing_for
 from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
 import modeling_alter.mta as mta_module
@@ -15,18 +15,8 @@ from modeling_alter.mta import AlterMTA
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_gated(num_tasks=4, shared=1, top_k=None, mix=0.4, seed=0):
-    torch.manual_seed(seed)
-    config = AlterConfig(task_names=[f"t{i}" for i in range(num_tasks)], d_model=D, adapter_dim=R,
-                         num_shared_adapters=shared, router_top_k=top_k, adapter_form="gated",
-                         adapter_activation="gelu_new")
-    mta = AlterMTA(config)
-    with torch.no_grad():
-        for p in mta.parameters():
-            p.normal_(0, 0.3)
-        mta.task_embedding.weight.normal_(0, 2.0)
-        mta.gate_mix.fill_(mix)
-    return mta, config
+def make_gated(**kwargs):
+    return make_mta(adapter_form="gated", adapter_activation="gelu_new", **kwargs)
 
 
 def reference_gated(mta, u, task_ids, stage):

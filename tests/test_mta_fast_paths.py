@@ -84,10 +84,10 @@ def reference_stats(mta, u, task_ids, token_mask, training):
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 
-def make_mta(num_tasks=4, shared=1, top_k=None, mix=0.4, seed=0, dtype=torch.float32):
+def make_mta(num_tasks=4, shared=1, top_k=None, mix=0.4, seed=0, dtype=torch.float32, **config_kwargs):
     torch.manual_seed(seed)
     config = AlterConfig(task_names=[f"t{i}" for i in range(num_tasks)], d_model=D, adapter_dim=R,
-                         num_shared_adapters=shared, router_top_k=top_k)
+                         num_shared_adapters=shared, router_top_k=top_k, **config_kwargs)
     mta = AlterMTA(config)
     with torch.no_grad():
         for p in mta.parameters():

@@ -4,11 +4,11 @@ Reads nothing outside the repository: the span corruption runs on a tiny built-i
 the committed `benchmarks/backbone/`.
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
+from training_utils import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = ROOT / "benchmarks" / "backbone"
@@ -19,10 +19,7 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_backbone", ROOT / "benchmarks" / "pretrain_backbone.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(ROOT / "benchmarks" / "pretrain_backbone.py", "pretrain_backbone")
 
 
 def reconstruct(inputs, targets, vocab_size, eos_id=1):

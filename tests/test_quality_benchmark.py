@@ -1,6 +1,5 @@
 """The quality benchmark (`benchmarks/quality.py`) end to end on a tiny configuration, and its data options."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_utils import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "quality.py"
@@ -22,10 +22,7 @@ TINY_RUN = [
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT, "quality_benchmark")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The converged quality benchmark (`benchmarks/quality_converged.py`): early stopping on dev, and a tiny end-to-end
 run of the synthetic configuration."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration, TrainerControl, TrainerState
+from training_utils import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "quality_converged.py"
@@ -20,10 +20,7 @@ SCRIPT = ROOT / "benchmarks" / "quality_converged.py"
 
 @pytest.fixture(scope="module")
 def converged():
-    spec = importlib.util.spec_from_file_location("quality_converged", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT, "quality_converged")
 
 
 def _tiny_t5():

@@ -1,7 +1,6 @@
 """What a user sees: the log order at the switch, no pin_memory warning on CPU, the routing heatmap's labels, and the
 example script's command line (one `error:` line and exit status 2 for every user mistake, a short `--help`)."""
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -10,7 +9,7 @@ import warnings
 
 import pytest
 from transformers import TrainerCallback
-from training_utils import REPO, tiny_args, tiny_data, tiny_model, tokenizer
+from training_utils import REPO, tiny_args, tiny_data, tiny_model, tokenizer, import_script
 
 from modeling_alter.trainer import AlterTrainer, RoutingStatistics
 
@@ -83,10 +82,7 @@ def run_example(*args, cwd=REPO):
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("train_two_stage_ux", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(EXAMPLE, "train_two_stage_ux")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Tiny models, data and helpers shared by the training tests (nothing is downloaded)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,3 +80,11 @@ def run_job(output_dir, *args, launcher=None, env=None, timeout=240):
 
 def load_weights(path):
     return load_file(str(path))
+
+
+def import_script(path, name: str):
+    """Imports a script of the repository (an example or a benchmark) as a module called `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
