@@ -745,7 +745,7 @@ def run_seed(args: BenchmarkArguments, data: BenchmarkData, seed: int, methods) 
 # Summary, table and chart
 
 
-def _mean_std(values):
+def mean_std(values):
     values = np.asarray(values, dtype=np.float64)
     std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     return float(values.mean()), std
@@ -760,10 +760,10 @@ def summarize(per_seed: dict, task_names) -> dict:
         runs = [per_seed[seed][method] for seed in per_seed]
         entry = {"mean": {}, "std": {}}
         for task in task_names:
-            entry["mean"][task], entry["std"][task] = _mean_std([r["scores"][task] for r in runs])
+            entry["mean"][task], entry["std"][task] = mean_std([r["scores"][task] for r in runs])
         overall = [float(np.mean([r["scores"][t] for t in task_names])) for r in runs]
         entry["overall_per_seed"] = overall
-        entry["overall_mean"], entry["overall_std"] = _mean_std(overall)
+        entry["overall_mean"], entry["overall_std"] = mean_std(overall)
         entry["train_seconds_mean"] = float(np.mean([r["train_seconds"] for r in runs]))
         entry["eval_seconds_mean"] = float(np.mean([r["eval_seconds"] for r in runs]))
         summary[method] = entry
@@ -771,7 +771,7 @@ def summarize(per_seed: dict, task_names) -> dict:
         reference = summary[REFERENCE]["overall_per_seed"]
         for method, entry in summary.items():
             deltas = [a - b for a, b in zip(entry["overall_per_seed"], reference)]
-            entry["delta_vs_reference_mean"], entry["delta_vs_reference_std"] = _mean_std(deltas)
+            entry["delta_vs_reference_mean"], entry["delta_vs_reference_std"] = mean_std(deltas)
             entry["seeds_better_than_reference"] = sum(d > 0 for d in deltas)
     return summary
 

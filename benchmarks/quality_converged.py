@@ -65,6 +65,7 @@ from transformers import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import backbone_kwargs, mean_std  # noqa: E402  (the budget benchmark's backbone and summary)
 from modeling_alter import AlterForConditionalGeneration  # noqa: E402
 from modeling_alter.data import MultiTaskDataCollator, build_eval_datasets, build_multitask_dataset, load_task_data  # noqa: E402
 from modeling_alter.metrics import compute_metric  # noqa: E402
@@ -140,6 +141,8 @@ class ConvergedArguments:
     d_kv: int = field(default=32, metadata={"help": "synthetic: attention head size."})
     num_layers: int = field(default=2, metadata={"help": "synthetic: encoder and decoder layers."})
     num_heads: int = field(default=4, metadata={"help": "synthetic: attention heads."})
+    dropout_rate: float = field(default=0.0, metadata={"help": "synthetic: dropout rate."})
+    feed_forward_proj: str = field(default="relu", metadata={"help": "synthetic: T5 feed-forward form."})
     # ALTER
     adapter_dim: int = field(default=32, metadata={"help": "ALTER adapter bottleneck r."})
     num_shared_adapters: int = field(default=1, metadata={"help": "ALTER shared adapters S."})
@@ -343,10 +346,7 @@ class DevEarlyStopping(TrainerCallback):
 def synthetic_backbone(args: ConvergedArguments, seed) -> T5ForConditionalGeneration:
     """The synthetic configuration's backbone: a small random T5 (by default the budget benchmark's shape)."""
     set_seed(seed)
-    config = T5Config(vocab_size=384, d_model=args.d_model, d_ff=args.d_ff, d_kv=args.d_kv, num_layers=args.num_layers,
-                      num_heads=args.num_heads, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0,
-                      eos_token_id=1, decoder_start_token_id=0)
-    model = T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(T5Config(**backbone_kwargs(args)))
     model.generation_config.decoder_start_token_id = 0
     return model
 
@@ -554,11 +554,6 @@ def _stage2(args, data, model, train_set, seed, run_dir, results):
 # Summary
 
 
-def _mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def summarize(per_seed: dict, task_names, metrics) -> dict:
     """Per method: mean ± std per task and overall, paired differences to multi-task T5, and two paired ALTER
     figures: stage 2's gain over its own start, and no-task-ids minus task ids."""
@@ -570,15 +565,15 @@ def summarize(per_seed: dict, task_names, metrics) -> dict:
         entry = {"per_task": {}, "overall_per_seed": [r["overall"] for r in runs]}
         for task in task_names:
             for metric in metrics[task]:
-                entry["per_task"][f"{task}/{metric}"] = _mean_std([r["scores"][task][metric] for r in runs])
-        entry["overall"] = _mean_std(entry["overall_per_seed"])
-        entry["examples_to_best"] = _mean_std([_best_examples(r) for r in runs])
-        entry["train_seconds"] = _mean_std([r["train_seconds"] for r in runs])
+                entry["per_task"][f"{task}/{metric}"] = mean_std([r["scores"][task][metric] for r in runs])
+        entry["overall"] = mean_std(entry["overall_per_seed"])
+        entry["examples_to_best"] = mean_std([_best_examples(r) for r in runs])
+        entry["train_seconds"] = mean_std([r["train_seconds"] for r in runs])
         summary[method] = entry
 
     def paired(a, b):
         deltas = [x - y for x, y in zip(summary[a]["overall_per_seed"], summary[b]["overall_per_seed"])]
-        mean, std = _mean_std(deltas)
+        mean, std = mean_std(deltas)
         return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas)
 
     if REFERENCE in summary:
