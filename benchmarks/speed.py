@@ -232,10 +232,10 @@ def train_flop_ratio(kind, src, tgt, num_tasks=8):
     base_f, _ = backbone_costs(8, src, tgt, 8, generate=False)
     if kind in ("t5", "control"):
         return 1.0
-    name = {"s1": "alter_s1_mixed", "s1_rowsparse": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
+    name = {"s1": "alter_s1_mixed", "s1_split": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
             "s2_top2": "alter_s2_top2"}.get(kind, kind)
     extra, _ = adapter_costs(name, 8, src, tgt, 8, False, num_tasks=num_tasks)
-    if kind in ("s1", "s1_rowsparse"):
+    if kind in ("s1", "s1_split"):
         return 3 * (base_f + extra) / (3 * base_f)
     tokens = 8 * (src + tgt)
     trained = tokens * SHAPE["num_layers"] * 4 * SHAPE["d_model"] * ADAPTER_DIM * SHARED  # shared adapters' grads
@@ -356,17 +356,11 @@ def train_batch(device, src, tgt, seed=4):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def train_step_fn(model, batch, extra=None, hooks=None, row_sparse=False):
-    """One training step (forward, backward, AdamW step). `row_sparse`: `RowSparseAdamW` (what `AlterTrainer` uses),
-    which updates in the task-adapter banks only the rows of the tasks in the batch."""
+def train_step_fn(model, batch, extra=None, hooks=None):
+    """One training step (forward, backward, AdamW step) of the parameters that require grad. A model whose task
+    adapters are split (`split_task_adapters`, as `AlterTrainer` trains) trains one parameter per task adapter."""
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if row_sparse:
-        from modeling_alter.optim import RowSparseAdamW
-
-        optimizer = RowSparseAdamW(params, row_sparse=model.task_adapter_banks(), lr=1e-5)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     extra = extra or {}
 
     def step():
@@ -578,7 +572,8 @@ def memory_section(args, log):
 def scaling_section(args, t5, log):
     """Ratios to plain T5 as the number of tasks grows (`--task-counts`), generation and/or training step
     (`--scaling-parts`). Training compares stage 1 with plain AdamW (every task's adapter updated at every step) and
-    with `RowSparseAdamW` (only the batch's tasks; `AlterTrainer`'s optimizer) side by side in the same rounds."""
+    with the task adapters split into one parameter per task (only the batch's tasks cost anything in the backward pass
+    and the optimizer: how `AlterTrainer` trains) side by side in the same rounds."""
     results = {}
     ids, mask = inputs(args.device, 8, 64)
     batch = train_batch(args.device, args.train_src, 32)
@@ -599,11 +594,13 @@ def scaling_section(args, t5, log):
         if "train" in args.scaling_parts:
             fns = {name: train_step_fn(m, batch, e, h) for name, (m, e, h) in models.items()}
             s1_model, s1_extra, _ = models["s1"]
-            fns["s1_rowsparse"] = train_step_fn(s1_model, batch, s1_extra, row_sparse=True)
+            split_model = copy.deepcopy(s1_model)
+            split_model.split_task_adapters()
+            fns["s1_split"] = train_step_fn(split_model, batch, s1_extra)
             log(f"scaling T={num_tasks}: train step")
             train_times = interleaved(fns, args.reps, args.clock_fn, log=log)
-        for name in ("s1", "s1_rowsparse", "s2_dense", "s2_top2"):
-            kind = {"s1": "alter_s1_mixed", "s1_rowsparse": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
+        for name in ("s1", "s1_split", "s2_dense", "s2_top2"):
+            kind = {"s1": "alter_s1_mixed", "s1_split": "alter_s1_mixed", "s2_dense": "alter_s2_dense",
                     "s2_top2": "alter_s2_top2"}[name]
             flop, traffic = generate_limits(kind, 1, args.new_tokens, distinct=min(8, num_tasks), num_tasks=num_tasks)
             row = dict(tasks=num_tasks, mode=name, gen_flop_ratio=flop, gen_traffic_ratio=traffic,
@@ -626,7 +623,7 @@ def plot_scaling(scaling, path, device):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = {"s1": "stage 1", "s1_rowsparse": "stage 1, row-sparse AdamW", "s2_dense": "stage 2 dense",
+    labels = {"s1": "stage 1", "s1_split": "stage 1, per-task parameters", "s2_dense": "stage 2 dense",
               "s2_top2": "stage 2 top-2"}
     for ax, key, title in ((axes[0], "gen", "generate (greedy, batch 8)"), (axes[1], "train", "training step")):
         for mode, label in labels.items():
@@ -745,7 +742,7 @@ def markdown(runs):
         lines += ["", f"Scaling with the number of tasks T ({devices[0].upper()}; generate greedy, batch of 8 mixing "
                   "min(T, 8) tasks; each cell: measured ratio (FLOP ratio / weight-traffic ratio)):", "",
                   "| T | generate: stage 1 | generate: stage 2 dense | generate: stage 2 top-2 | train: stage 1 "
-                  "(AdamW) | train: stage 1 (row-sparse AdamW, AlterTrainer's) | train: stage 2 dense | train: stage 2 "
+                  "(AdamW) | train: stage 1 (per-task parameters, AlterTrainer's) | train: stage 2 dense | train: stage 2 "
                   "top-2 |", "|---|---|---|---|---|---|---|---|"]
         for tasks in sorted({r["tasks"] for r in scaling.values()}):
             gen, train = [], []
@@ -753,7 +750,7 @@ def markdown(runs):
                 r = scaling.get(f"T{tasks}_{mode}")
                 gen.append(f"{r['gen_ratio']:.3f} ({r['gen_flop_ratio']:.3f} / {r['gen_traffic_ratio']:.3f})"
                            if r and "gen_ratio" in r else "–")
-            for mode in ("s1", "s1_rowsparse", "s2_dense", "s2_top2"):
+            for mode in ("s1", "s1_split", "s2_dense", "s2_top2"):
                 r = scaling.get(f"T{tasks}_{mode}")
                 train.append(f"{r['train_ratio']:.3f} ({r['train_flop_ratio']:.3f})" if r and "train_ratio" in r
                              else "–")

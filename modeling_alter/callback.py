@@ -17,6 +17,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import SchedulerType
 
+from .mta import task_parameter_of
+
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +312,8 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
 
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         num_trainable = sum(p.numel() for name, p in model.named_parameters() if name in trainable)
-        num_total = sum(p.numel() for p in model.parameters())
+        # (each task's own adapter parameters during training are views of the banks: counted once, as the banks)
+        num_total = sum(p.numel() for name, p in model.named_parameters() if task_parameter_of(name) is None)
         group = trainer.optimizer.param_groups[0]
         learning_rate = group.get("initial_lr", group["lr"])  # the schedule's peak, not the warm-up's first value
         message = (

@@ -57,6 +57,11 @@ class AlterConfig(PretrainedConfig):
         task_prefix_ids (`dict[str, list[int]]`, *optional*):
             The token ids each task's input starts with, filled from `task_prefixes` by
             `model.set_task_prefixes(tokenizer=...)` (matching compares token ids, never decoded text).
+        visible_task_adapters (`list[int]`, *optional*):
+            Set by `model.add_tasks`: for each task, then the unknown task, how many task adapters (the first ones)
+            its stage-2 gate routes over; the tasks added later are blocked for it. A stage-2 batch is computed over
+            the adapters its tasks may use, so existing tasks keep their outputs bit for bit after tasks are added.
+            `None` (default): every task routes over every adapter.
         base_model (`str`, *optional*):
             Hub id of the T5 checkpoint the model was converted from; `from_t5` records it (never a local path) for
             the model card.
@@ -86,6 +91,7 @@ class AlterConfig(PretrainedConfig):
         stage1_train_backbone=True,
         task_prefixes=None,
         task_prefix_ids=None,
+        visible_task_adapters=None,
         vocab_size=32128,
         d_model=512,
         d_kv=64,
@@ -112,7 +118,7 @@ class AlterConfig(PretrainedConfig):
             adapter_form=adapter_form, num_shared_adapters=num_shared_adapters, mta_placement=mta_placement,
             allowed_placements=MTA_PLACEMENTS, router_top_k=router_top_k, router_aux_loss_coef=router_aux_loss_coef,
             task_id_drop_rate=task_id_drop_rate, stage=stage, stage1_train_backbone=stage1_train_backbone,
-            task_prefixes=task_prefixes, task_prefix_ids=task_prefix_ids,
+            task_prefixes=task_prefixes, task_prefix_ids=task_prefix_ids, visible_task_adapters=visible_task_adapters,
         )
 
         self.vocab_size = vocab_size

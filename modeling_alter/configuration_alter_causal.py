@@ -27,7 +27,7 @@ class AlterCausalConfig(PretrainedConfig):
             configuration class fills in the defaults of its fields (e.g. `layer_types`, `rope_parameters`,
             `head_dim`) and normalises them.
         task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters, router_top_k,
-        router_aux_loss_coef, task_id_drop_rate, stage, stage1_train_backbone, base_model:
+        router_aux_loss_coef, task_id_drop_rate, stage, stage1_train_backbone, visible_task_adapters, base_model:
             As in [`AlterConfig`], with the same defaults (`router_top_k="auto"`, `adapter_form="plain"`) and the same
             validation (`configuration_mta.set_mta_fields`).
         task_prefixes (`dict[str, str]`, *optional*), task_prefix_ids (`dict[str, list[int]]`, *optional*):
@@ -62,6 +62,7 @@ class AlterCausalConfig(PretrainedConfig):
         stage1_train_backbone=True,
         task_prefixes=None,
         task_prefix_ids=None,
+        visible_task_adapters=None,
         backbone_model_type="llama",
         **kwargs,
     ):
@@ -71,6 +72,7 @@ class AlterCausalConfig(PretrainedConfig):
             allowed_placements=CAUSAL_MTA_PLACEMENTS, router_top_k=router_top_k,
             router_aux_loss_coef=router_aux_loss_coef, task_id_drop_rate=task_id_drop_rate, stage=stage,
             stage1_train_backbone=stage1_train_backbone, task_prefixes=task_prefixes, task_prefix_ids=task_prefix_ids,
+            visible_task_adapters=visible_task_adapters,
         )
         if backbone_model_type not in SUPPORTED_BACKBONES:
             raise ValueError(

@@ -96,6 +96,18 @@ def check_prefixes(task_names, prefixes, prefix_ids):
     return dict(prefixes), (prefix_ids or None)
 
 
+def check_visible_task_adapters(visible, num_tasks):
+    """`None`, or one int in [1, num_tasks] per task and a last one for the unknown task (see `AlterConfig`); a list
+    that lets every task see every adapter is stored as `None`."""
+    if visible is None:
+        return None
+    if (isinstance(visible, (str, dict)) or not hasattr(visible, "__len__") or len(visible) != num_tasks + 1
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= num_tasks for v in visible)):
+        raise ValueError(f"visible_task_adapters={visible!r} is not valid: expected None or {num_tasks + 1} integers "
+                         f"in [1, {num_tasks}] (one per task, then the unknown task).")
+    return None if all(v == num_tasks for v in visible) else list(visible)
+
+
 def check_activation(name, value):
     """`value` if it is a key of `transformers.activations.ACT2FN`; raises `ValueError` naming `name` otherwise."""
     from transformers.activations import ACT2FN
@@ -107,7 +119,7 @@ def check_activation(name, value):
 
 def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters,
                    mta_placement, allowed_placements, router_top_k, router_aux_loss_coef, task_id_drop_rate, stage,
-                   stage1_train_backbone, task_prefixes, task_prefix_ids):
+                   stage1_train_backbone, task_prefixes, task_prefix_ids, visible_task_adapters=None):
     """Validates the MTA fields and sets them on `config`; every error is a `ValueError` that names the bad value.
     See `AlterConfig` for the meaning of each field; `allowed_placements` are the backbone's sublayers that may carry
     MTA (`mta_placement` is stored in their order)."""
@@ -129,7 +141,8 @@ def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapt
         raise ValueError(f"stage={stage!r} is not valid: expected 1 or 2.")
     config.stage = stage
     config.stage1_train_backbone = bool(stage1_train_backbone)
+    config.visible_task_adapters = check_visible_task_adapters(visible_task_adapters, len(config.task_names))
 
 
 __all__ = ["ADAPTER_FORMS", "check_int", "check_task_names", "check_placement", "check_adapter_form",
-           "check_router_top_k", "check_prefixes", "check_activation", "set_mta_fields"]
+           "check_router_top_k", "check_prefixes", "check_visible_task_adapters", "check_activation", "set_mta_fields"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .configuration_mta import ADAPTER_FORMS, check_prefixes
+from .configuration_mta import ADAPTER_FORMS, check_prefixes, check_visible_task_adapters
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -103,6 +103,28 @@ class TaskRouting(NamedTuple):
     group_inverse: torch.Tensor | None  # several tasks: restores batch order after sorting by task
     token_mask: torch.Tensor | None  # [batch, length] bool, tokens counted in the statistics
     output_stats: bool
+    visible_tasks: int | None = None  # stage 2: the batch routes over the first visible_tasks task adapters only
+
+
+class GateParameters(NamedTuple):
+    """What one stage-2 forward of an MTA module routes over: its own adapters and gate, or, for a batch whose tasks
+    may route to only the first `num_tasks` task adapters (tasks added later are blocked for them, see `add_tasks`),
+    exactly those, so that the computation has the shapes it had before the later tasks were added."""
+
+    task_down: torch.Tensor  # [num_tasks, d, r]
+    task_up: torch.Tensor  # [num_tasks, r, d]
+    task_linear: torch.Tensor | None  # [num_tasks, d, r], gated form
+    shared_down: torch.Tensor  # [S, d, r]
+    shared_up: torch.Tensor  # [S, r, d]
+    shared_linear: torch.Tensor | None
+    router: torch.Tensor  # [num_tasks + S, d]
+    embedding: torch.Tensor  # [every task + 1, num_tasks + S]: a row per task id, the last for the unknown task
+    num_tasks: int
+    top_k: int | None
+
+    @property
+    def num_adapters(self) -> int:
+        return self.router.shape[0]
 
 
 class MTAStats(NamedTuple):
@@ -120,9 +142,13 @@ _grouped_mm = getattr(F, "grouped_mm", None)
 _MIN_SKIPPED_PAIRS = 256
 
 
-def _matmul_per_group(x: torch.Tensor, weights: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-    """`[N, a] -> [N, b]`: block g of the rows of `x` times `weights[groups.adapters[g]]` (`weights`: `[n, a, b]`).
-    Every adapter used is read once, whatever the number of its rows; the others are not read."""
+def _matmul_per_group(x: torch.Tensor, weights, groups: RowGroups) -> torch.Tensor:
+    """`[N, a] -> [N, b]`: block g of the rows of `x` times `weights[groups.adapters[g]]` (`weights`: `[n, a, b]`, or
+    one `[a, b]` parameter per adapter, see `AlterMTA.split_task_adapters`). Every adapter used is read once, whatever
+    the number of its rows; the others are not read."""
+    blocks = x.split(groups.sizes)
+    if not isinstance(weights, torch.Tensor):
+        return torch.cat([block @ weights[a].to(x.dtype) for a, block in zip(groups.adapters, blocks)])
     weights = weights.to(x.dtype)
     aligned = all(size * x.element_size() % 16 == 0 for size in weights.shape[1:])
     if (_grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype != torch.float64
@@ -136,7 +162,6 @@ def _matmul_per_group(x: torch.Tensor, weights: torch.Tensor, groups: RowGroups)
         # of the bank (unbinding the bank would stack a zero tensor per unused adapter: the whole bank at every step).
         weights = weights.index_select(0, torch.tensor(adapters, device=weights.device)).unbind(0)
         adapters = range(len(adapters))
-    blocks = x.split(groups.sizes)
     return torch.cat([block @ weights[a] for a, block in zip(adapters, blocks)])
 
 
@@ -167,6 +192,19 @@ def _masked_token_mean(values, token_mask):
         return values.mean(1)
     mask = token_mask.to(values.dtype).view(*token_mask.shape, *([1] * (values.dim() - 2)))
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _drop_task_parameters(module, state_dict, prefix, local_metadata):
+    """State-dict hook of a split MTA module: its per-task parameters are views of the banks, which are saved."""
+    for key in [key for key in state_dict if key.startswith(prefix + "task_parameters.")]:
+        del state_dict[key]
+
+
+def _after_load_with_task_parameters(module, incompatible_keys):
+    """Load hook of a split MTA module: the per-task parameters are not in a state dict (they are the banks' rows)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if ".task_parameters." not in f".{key}"]
+    module._alias_task_parameters()
 
 
 class AlterMTA(nn.Module):
@@ -200,6 +238,8 @@ class AlterMTA(nn.Module):
         # One row per task plus a last row for the unknown task, embedded directly in gate-logit space.
         self.task_embedding = nn.Embedding(config.num_tasks + 1, self.num_adapters)
         self.gate_mix = nn.Parameter(torch.zeros(()))
+        self.register_module("task_parameters", None)  # see split_task_adapters
+        self._split_hooks = []  # non-empty while split
 
     def forward(self, u: torch.Tensor, routing: TaskRouting) -> tuple[torch.Tensor, MTAStats]:
         if routing.stage == 2:
@@ -213,45 +253,113 @@ class AlterMTA(nn.Module):
     def _own_adapters(self, u, routing):
         """Each example's own task adapter (stage 1): examples sorted by task, one GEMM per task's block of rows."""
         groups = routing.task_groups
+        down, up, linear = self._task_weights()
         if len(groups.adapters) == 1:
             task = groups.adapters[0]
-            hidden = self.act(u @ self.task_down[task].to(u.dtype))
+            hidden = self.act(u @ down[task].to(u.dtype))
             if self.gated:
-                hidden = hidden * (u @ self.task_linear[task].to(u.dtype))
-            return hidden @ self.task_up[task].to(u.dtype)
+                hidden = hidden * (u @ linear[task].to(u.dtype))
+            return hidden @ up[task].to(u.dtype)
         x = u.index_select(0, routing.order).flatten(0, 1)
         tokens = groups.repeat_rows(u.shape[1])
-        hidden = self.act(_matmul_per_group(x, self.task_down, tokens))
+        hidden = self.act(_matmul_per_group(x, down, tokens))
         if self.gated:
-            hidden = hidden * _matmul_per_group(x, self.task_linear, tokens)
-        return _matmul_per_group(hidden, self.task_up, tokens).view_as(u).index_select(0, routing.group_inverse)
+            hidden = hidden * _matmul_per_group(x, linear, tokens)
+        return _matmul_per_group(hidden, up, tokens).view_as(u).index_select(0, routing.group_inverse)
+
+    # ---- task adapters as one parameter per task (training many tasks) -----------------------------------------
+
+    def split_task_adapters(self) -> None:
+        """Holds each task's adapter weights also as parameters of their own: `task_parameters[name][t]` (`name` in
+        `task_down`, `task_up`, `task_linear`) is a leaf parameter that is a view of row t of the bank `name`.
+
+        Stage 1 then computes through the per-task parameters: a backward pass gives gradients only to the tasks of
+        its batch (the others keep `grad=None`), so gradient clipping and the optimizer (any `torch.optim` one) touch
+        only those tasks, whatever the number of tasks; each task's adapter trains exactly as a parameter of its own.
+        The banks stay the storage: they hold every update, are what `state_dict()` saves and `load_state_dict()`
+        loads (the per-task parameters are left out of both), and what stage 2 computes with. While split, the banks
+        do not train (see `stage_trainable_names`). `AlterTrainer.train` splits for its duration; undo with
+        `merge_task_adapters`."""
+        if self.task_parameters is not None:
+            return
+        self.task_parameters = nn.ModuleDict({
+            name: nn.ParameterList([nn.Parameter(bank.detach()[t], requires_grad=False) for t in range(bank.shape[0])])
+            for name in TASK_ADAPTER_PARAMETERS if (bank := getattr(self, name)) is not None})
+        self._split_hooks = [self.register_state_dict_post_hook(_drop_task_parameters),
+                             self.register_load_state_dict_post_hook(_after_load_with_task_parameters)]
+
+    def merge_task_adapters(self) -> None:
+        """Undoes `split_task_adapters`: the banks alone hold the task adapters again (their values are kept)."""
+        if self.task_parameters is None:
+            return
+        self._alias_task_parameters()
+        for handle in self._split_hooks:
+            handle.remove()
+        self._split_hooks = []
+        self.task_parameters = None
+
+    def _alias_task_parameters(self) -> None:
+        """Points every per-task parameter back at its bank row (`Module.to` and `load_state_dict(assign=True)`
+        replace the banks' and the per-task parameters' storage separately; both then hold the same values, or the
+        bank the newer ones)."""
+        for name, rows in self.task_parameters.items():
+            bank = getattr(self, name)
+            if rows[0].data_ptr() != bank.data_ptr() or rows[0].device != bank.device:
+                for t, param in enumerate(rows):
+                    param.data = bank.detach()[t]
+
+    def _task_weights(self):
+        """(down, up, linear) of the task adapters: the banks, or while split the per-task parameters."""
+        if not self._split_hooks:
+            return self.task_down, self.task_up, self.task_linear
+        self._alias_task_parameters()
+        split = self.task_parameters
+        return split["task_down"], split["task_up"], split["task_linear"] if self.gated else None
 
     def gate_weights(self, u: torch.Tensor, task_ids: torch.Tensor | None):
         """Stage-2 routing in fp32: returns the mixture weights `w` [batch, length, n] and the gate's softmax."""
         own = OwnTasks.build(task_ids, u.shape[0], self.num_tasks, self.num_adapters, u.device)
-        weights, probs, _ = self._gate(u, own)
+        weights, probs, _ = self._gate(u, own, self._gate_parameters(None))
         return weights, probs
 
-    def _gate(self, u, own: OwnTasks):
+    def _gate_parameters(self, visible_tasks: int | None) -> GateParameters:
+        """This module's adapters and gate, or only the first `visible_tasks` task adapters with the shared ones."""
+        full = GateParameters(self.task_down, self.task_up, self.task_linear, self.shared_down, self.shared_up,
+                              self.shared_linear, self.router.weight, self.task_embedding.weight, self.num_tasks,
+                              self.top_k)
+        n, T = visible_tasks, self.num_tasks
+        if n is None or n >= T:
+            return full
+        emb = full.embedding
+        return full._replace(
+            task_down=self.task_down[:n], task_up=self.task_up[:n],
+            task_linear=self.task_linear[:n] if self.gated else None,
+            router=torch.cat([full.router[:n], full.router[T:]]), embedding=torch.cat([emb[:, :n], emb[:, T:]], 1),
+            num_tasks=n, top_k=None if self.top_k is None else min(self.top_k, n + self.shared_down.shape[0]))
+
+    def _gate(self, u, own: OwnTasks, p: GateParameters):
         """Task adapters `w = (1 - m) * onehot(task) + m * gate` with `m = clamp(gate_mix, 0, 1)` (`m = 1` for the
         unknown task), shared adapters `w = gate`; the softmax; and with top-k each token's top k indices."""
-        rows = self.task_embedding.weight.float()[own.embedding_rows][:, None]
-        probs = (F.linear(u.float(), self.router.weight.float()) + rows).softmax(-1)
+        rows = p.embedding.float()[own.embedding_rows][:, None]
+        probs = (F.linear(u.float(), p.router.float()) + rows).softmax(-1)
         gate, top_index = probs, None
-        if self.top_k is not None and self.top_k < self.num_adapters:
-            top_values, top_index = probs.topk(self.top_k, dim=-1)
+        if p.top_k is not None and p.top_k < p.num_adapters:
+            top_values, top_index = probs.topk(p.top_k, dim=-1)
             gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
         mix = self.gate_mix.float()
         mix = torch.where(own.known, _UnitClamp.apply(mix) if mix.requires_grad else mix.clamp(0, 1), 1.0)
         weights = torch.lerp(own.one_hot, gate, mix)
         # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
         # not move the output, and they and the gate learn from the first stage-2 step.
-        weights = torch.cat([weights[..., : self.num_tasks], gate[..., self.num_tasks :]], -1)
+        weights = torch.cat([weights[..., : p.num_tasks], gate[..., p.num_tasks :]], -1)
         return weights, probs, top_index
 
     def _collaboration(self, u, routing):
-        own = routing.own_tasks
-        weights, probs, top_index = self._gate(u, own)
+        own, p = routing.own_tasks, self._gate_parameters(routing.visible_tasks)
+        if p.num_tasks < self.num_tasks:
+            own = own._replace(one_hot=torch.cat([own.one_hot[..., : p.num_tasks], own.one_hot[..., self.num_tasks:]],
+                                                 -1))
+        weights, probs, top_index = self._gate(u, own, p)
         training = torch.is_grad_enabled() and weights.requires_grad
         on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
         support = None  # top-k: the adapters each token may weight whatever the values (its top k and its own task)
@@ -259,32 +367,36 @@ class AlterMTA(nn.Module):
             support = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
         if not training and on_cpu and routing.task_groups is not None and float(self.gate_mix) <= 0.0:
             out = self._own_adapters(u, routing)  # the task adapters' weights are exactly one-hot
-            if self.shared_down.shape[0]:
-                shared = weights[..., self.num_tasks :].reshape(-1, self.shared_down.shape[0]).to(u.dtype)
-                out = self._weighted_bank(u.reshape(-1, u.shape[-1]), self.shared_down, self.shared_up, shared,
-                                          out.reshape(-1, u.shape[-1]), self.shared_linear).view_as(u)
-        elif support is not None and self._sparse_pays(support):
-            out = self._sparse_mixture(u, weights, support)
+            if p.shared_down.shape[0]:
+                shared = weights[..., p.num_tasks :].reshape(-1, p.shared_down.shape[0]).to(u.dtype)
+                out = self._weighted_bank(u.reshape(-1, u.shape[-1]), p.shared_down, p.shared_up, shared,
+                                          out.reshape(-1, u.shape[-1]), p.shared_linear).view_as(u)
+        elif support is not None and self._sparse_pays(support, p):
+            out = self._sparse_mixture(u, weights, support, p)
         else:
-            out = self._dense_mixture(u, weights)
-        return out, self._gate_stats(weights, probs, routing)
+            out = self._dense_mixture(u, weights, p)
+        stats = self._gate_stats(weights, probs, routing, p)
+        if p.num_tasks < self.num_tasks and stats.weights is not None:  # the blocked adapters' weights: exactly 0
+            w = stats.weights
+            hidden = w.new_zeros(*w.shape[:-1], self.num_tasks - p.num_tasks)
+            stats = stats._replace(weights=torch.cat([w[..., : p.num_tasks], hidden, w[..., p.num_tasks :]], -1))
+        return out, stats
 
-    def _sparse_pays(self, support):
+    def _sparse_pays(self, support, p: GateParameters):
         """Whether computing only the pairs in `support` ([..., n] bool) saves more than it costs: it must skip half
         the (token, adapter) pairs and enough of them to pay for gathering them, or skip reading at least half
         the adapters (which the dense path reads whether used or not)."""
-        counts = support.reshape(-1, self.num_adapters).sum(0).tolist()  # pairs per adapter: one host read
+        counts = support.reshape(-1, p.num_adapters).sum(0).tolist()  # pairs per adapter: one host read
         pairs, used = sum(counts), sum(count > 0 for count in counts)
         skipped = support.numel() - pairs
-        return skipped >= max(pairs, _MIN_SKIPPED_PAIRS) or 2 * used <= self.num_adapters
+        return skipped >= max(pairs, _MIN_SKIPPED_PAIRS) or 2 * used <= p.num_adapters
 
-    def _dense_mixture(self, u, weights):
+    def _dense_mixture(self, u, weights, p: GateParameters):
         """Every adapter for every token: per bank (task, shared), one batched GEMM down and one GEMM up."""
-        x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, self.num_adapters).to(u.dtype)
-        out = self._weighted_bank(x, self.task_down, self.task_up, w[:, : self.num_tasks], linear=self.task_linear)
-        if self.shared_down.shape[0]:
-            out = self._weighted_bank(x, self.shared_down, self.shared_up, w[:, self.num_tasks :], out,
-                                      self.shared_linear)
+        x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, p.num_adapters).to(u.dtype)
+        out = self._weighted_bank(x, p.task_down, p.task_up, w[:, : p.num_tasks], linear=p.task_linear)
+        if p.shared_down.shape[0]:
+            out = self._weighted_bank(x, p.shared_down, p.shared_up, w[:, p.num_tasks :], out, p.shared_linear)
         return out.view_as(u)
 
     def _weighted_bank(self, x, down, up, w, out=None, linear=None):
@@ -308,9 +420,9 @@ class AlterMTA(nn.Module):
             hidden = torch.matmul(x, weights).transpose(0, 1)
         return self.act(hidden) if activate else hidden
 
-    def _sparse_mixture(self, u, weights, support):
+    def _sparse_mixture(self, u, weights, support, p: GateParameters):
         """Only the (token, adapter) pairs in `support`: pairs sorted by adapter, one GEMM per adapter used."""
-        d, n, T = u.shape[-1], self.num_adapters, self.num_tasks
+        d, n, T = u.shape[-1], p.num_adapters, p.num_tasks
         x = u.reshape(-1, d)
         adapter, token = support.reshape(-1, n).t().nonzero().unbind(1)  # sorted by adapter, then token
         pair_weights = weights.reshape(-1, n)[token, adapter].to(u.dtype)[:, None]
@@ -318,8 +430,8 @@ class AlterMTA(nn.Module):
         rows = x.index_select(0, token)
         out = torch.zeros_like(x)
         start = 0
-        for down, up, linear, bank_counts in ((self.task_down, self.task_up, self.task_linear, counts[:T]),
-                                              (self.shared_down, self.shared_up, self.shared_linear, counts[T:])):
+        for down, up, linear, bank_counts in ((p.task_down, p.task_up, p.task_linear, counts[:T]),
+                                              (p.shared_down, p.shared_up, p.shared_linear, counts[T:])):
             end = start + int(bank_counts.sum())
             if end > start:
                 groups = RowGroups.from_counts(bank_counts)
@@ -330,16 +442,16 @@ class AlterMTA(nn.Module):
             start = end
         return out.view_as(u)
 
-    def _gate_stats(self, weights, probs, routing):
+    def _gate_stats(self, weights, probs, routing, p: GateParameters):
         """Switch-Transformer load-balancing loss (training only) and, when asked for, routing statistics."""
         aux_loss = None
         if self.training and torch.is_grad_enabled():
-            k = self.top_k or 1
-            chosen = F.one_hot(probs.topk(k, dim=-1).indices, self.num_adapters).sum(-2).float() / k
+            k = p.top_k or 1
+            chosen = F.one_hot(probs.topk(k, dim=-1).indices, p.num_adapters).sum(-2).float() / k
             chosen, probs = chosen.flatten(0, 1), probs.flatten(0, 1)
             if routing.token_mask is not None:
                 chosen, probs = chosen[routing.token_mask.reshape(-1)], probs[routing.token_mask.reshape(-1)]
-            aux_loss = self.num_adapters * (chosen.mean(0) * probs.mean(0)).sum()
+            aux_loss = p.num_adapters * (chosen.mean(0) * probs.mean(0)).sum()
         if not routing.output_stats:
             return MTAStats(aux_loss, None, None)
         entropy = -(weights * weights.clamp(min=1e-9).log()).sum(-1)
@@ -386,7 +498,13 @@ def build_routing(config, task_ids, batch_size, token_mask, output_stats, unknow
         if len(groups.adapters) > 1:
             order = torch.argsort(task_ids, stable=True)
             inverse = torch.argsort(order)
-    return TaskRouting(config.stage, task_ids, own_tasks, groups, order, inverse, mask, output_stats)
+    visible = None
+    limits = getattr(config, "visible_task_adapters", None)
+    if config.stage == 2 and limits:  # tasks added later are blocked for this batch: route over the others only
+        present = task_ids.unique().tolist() if task_ids is not None else [config.num_tasks]
+        visible = max(limits[t] for t in present)
+    return TaskRouting(config.stage, task_ids, own_tasks, groups, order, inverse, mask, output_stats,
+                       visible if visible is not None and visible < config.num_tasks else None)
 
 
 
@@ -419,16 +537,31 @@ def stage_trainable_names(named_parameters, stage: int, train_backbone: bool) ->
     parameter (gates, task embeddings, shared adapters, `gate_mix`). MTA parameters are those under a module
     attribute named `mta`."""
     check_stage(stage)
+    all_names = [name for name, _ in named_parameters]
+    split = {name.rsplit(".task_parameters.", 1)[0] for name in all_names if task_parameter_of(name)}
     names = set()
-    for name, _ in named_parameters:
-        leaf = name.rsplit(".", 1)[-1]
+    for name in all_names:
+        if task_parameter_of(name):  # a task's own adapter parameter (split_task_adapters): stage 1's
+            if stage == 1:
+                names.add(name)
+            continue
+        module, _, leaf = name.rpartition(".")
         in_mta = ".mta." in f".{name}"
         if stage == 1:
-            if (in_mta and leaf in TASK_ADAPTER_PARAMETERS) or (not in_mta and train_backbone):
+            if (in_mta and leaf in TASK_ADAPTER_PARAMETERS and module not in split) or (not in_mta and train_backbone):
                 names.add(name)
         elif in_mta and leaf not in TASK_ADAPTER_PARAMETERS:
             names.add(name)
     return names
+
+
+def task_parameter_of(name: str) -> tuple[str, int] | None:
+    """(bank, task id) of a per-task parameter's name (`"...mta.task_parameters.task_down.3"` -> `("task_down", 3)`,
+    see `AlterMTA.split_task_adapters`); None for any other name."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == "task_parameters" and parts[-2] in TASK_ADAPTER_PARAMETERS:
+        return parts[-2], int(parts[-1])
+    return None
 
 
 
@@ -713,10 +846,30 @@ class AlterTasksMixin:
         return {name: m for name, m in self.named_modules() if isinstance(m, AlterMTA)}
 
     def task_adapter_banks(self) -> list[nn.Parameter]:
-        """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] of every MTA module), whose
-        row t is task t's: a batch trains only the rows of its tasks (see `optim.RowSparseAdamW`)."""
+        """The stacked task-adapter parameters (`task_down` [T, d, r], `task_up` [T, r, d] and, gated form,
+        `task_linear` [T, d, r] of every MTA module), whose row t is task t's."""
         return [p for m in self.mta_modules().values() for p in (m.task_down, m.task_up, m.task_linear)
                 if p is not None]
+
+    def split_task_adapters(self) -> None:
+        """Gives every task adapter parameters of its own, views of the banks' rows (see
+        `AlterMTA.split_task_adapters`): a stage-1 step then costs the optimizer, gradient clipping and the backward
+        pass only the tasks of its batch, whatever the number of tasks, and each task's adapter trains exactly as with
+        one parameter per task. `AlterTrainer.train` splits for its duration. Keeps the stage's trainable set."""
+        for module in self.mta_modules().values():
+            module.split_task_adapters()
+        self.set_stage(self.config.stage)
+
+    def merge_task_adapters(self) -> None:
+        """Undoes `split_task_adapters` (the banks hold every update already)."""
+        for module in self.mta_modules().values():
+            module.merge_task_adapters()
+        self.set_stage(self.config.stage)
+
+    @property
+    def task_adapters_split(self) -> bool:
+        """Whether `split_task_adapters` is in effect."""
+        return any(m.task_parameters is not None for m in self.mta_modules().values())
 
     def trainable_parameter_names(self, stage: int) -> set[str]:
         """Names of the parameters that train in `stage` (1 or 2). With `set_train_tasks(names)`, only the MTA
@@ -725,6 +878,10 @@ class AlterTasksMixin:
         if self._train_task_names is None:
             return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
         check_stage(stage)
+        if stage == 1 and self.task_adapters_split:
+            train = set(self.task_ids(list(self._train_task_names)).tolist())
+            return {name for name, _ in self.named_parameters()
+                    if (split := task_parameter_of(name)) is not None and split[1] in train}
         leaves = TASK_ADAPTER_PARAMETERS if stage == 1 else ("task_embedding.weight",)
         return {name for name, _ in self.named_parameters() if ".mta." in f".{name}" and name.endswith(leaves)}
 
@@ -742,14 +899,17 @@ class AlterTasksMixin:
             train = set(self.task_ids(list(self._train_task_names)).tolist())
             rows = {}
             for module in self.mta_modules().values():
+                if stage == 1 and module.task_parameters is not None:
+                    continue  # split: the other tasks' own parameters do not train at all
                 # stage 1: rows of the task adapters; stage 2: rows of the task embedding (the last: unknown task)
                 params = (module.task_down, module.task_up, module.task_linear) if stage == 1 else (
                     module.task_embedding.weight,)
                 for param in (p for p in params if p is not None):
                     frozen = [i for i in range(param.shape[0]) if i not in train]
                     rows[param] = torch.tensor(frozen, dtype=torch.long, device=param.device)
-            self._frozen_rows = FrozenRows(rows)
-            self._frozen_rows.install_grad_hooks()
+            if rows:
+                self._frozen_rows = FrozenRows(rows)
+                self._frozen_rows.install_grad_hooks()
 
     # ---- a model's life after training: add, keep, train only some tasks --------------------------------------
 
@@ -787,7 +947,9 @@ class AlterTasksMixin:
 
         `init_from`: `None`, an existing task name for every new task, or one entry per new task. Existing tasks and
         the unknown-task route get a blocked gate logit (`mta.BLOCKED_GATE_LOGIT`) for the new adapters, so their
-        outputs in stage 1 and stage 2 stay what they were; a new task's gate sees every older adapter and its own.
+        outputs in stage 1 and stage 2 stay what they were, bit for bit (`config.visible_task_adapters` records which
+        adapters each task may use, and a stage-2 batch of older tasks is computed over those only); a new task's
+        gate sees every older adapter and its own.
         Follow with `set_train_tasks(names)` to train only the new tasks (a stage-2 model: a short stage 1, then a
         short stage 2 of their embedding rows)."""
         keep, added = plan_task_changes(self.config.task_names, add=names, init_from=init_from)
@@ -823,6 +985,9 @@ class AlterTasksMixin:
         return model
 
     def _remap_tasks(self, keep, added, new_names) -> None:
+        if self.task_adapters_split:
+            raise ValueError("Cannot add or drop tasks while the task adapters are split (during AlterTrainer.train, "
+                             "or after split_task_adapters()): call merge_task_adapters() first.")
         std = self._mta_init_std()
         num_adapters = len(new_names) + self.config.num_shared_adapters
         top_k = self.config.router_top_k
@@ -830,7 +995,16 @@ class AlterTasksMixin:
             top_k = self.config.router_top_k = min(top_k, num_adapters)
         for module in self.mta_modules().values():
             remap_mta_tasks(module, keep, added, std, resolve_top_k(top_k, num_adapters))
+        old_count = len(self.config.task_names)
+        limits = self.config.visible_task_adapters or [old_count] * (old_count + 1)
+        if added:  # an old task and the unknown task keep theirs; a new one sees the older tasks and itself
+            limits = limits[:-1] + [old_count + i + 1 for i in range(len(added))] + limits[-1:]
+        elif keep == list(range(len(keep))):  # the first tasks, in order
+            limits = [min(v, len(keep)) for v in limits[: len(keep)] + limits[-1:]]
+        else:  # renumbered: the blocked gate logits alone say which adapters a task may use
+            limits = None
         self.config.task_names = list(new_names)
+        self.config.visible_task_adapters = check_visible_task_adapters(limits, len(new_names))
         if self.config.task_prefixes:
             prefixes = {k: v for k, v in self.config.task_prefixes.items() if k in new_names}
             ids = self.config.task_prefix_ids
@@ -883,6 +1057,6 @@ class AlterTasksMixin:
         return super().generate(inputs, *args, **kwargs)
 
 __all__ = ["AlterMTA", "TaskRouting", "MTAStats", "build_routing", "init_mta_weights", "stage_trainable_names",
-           "remap_mta_tasks", "plan_task_changes", "resolve_top_k", "FrozenRows", "PrefixMatcher",
+           "remap_mta_tasks", "plan_task_changes", "task_parameter_of", "resolve_top_k", "FrozenRows", "PrefixMatcher",
            "prefix_matcher_for", "prefix_task_ids", "tokenize_prefix", "AlterTasksMixin", "BLOCKED_GATE_LOGIT", "ADAPTER_FORMS",
            "check_stage"]

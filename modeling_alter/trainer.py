@@ -389,6 +389,11 @@ class AlterTrainer(Seq2SeqTrainer):
       `Seq2SeqTrainer`.
     - **End of training**: routing statistics on the evaluation set (or on up to `args.routing_max_samples` training
       examples) are saved to `routing_stats.json` and drawn in `routing_heatmap.png` in `args.output_dir`.
+    - **Many tasks**: during `train()` every task adapter is also a parameter of its own (`model.split_task_adapters()`,
+      views of the stacked banks, which are still what checkpoints hold), so a stage-1 step's backward pass, gradient
+      clipping and optimizer (whichever `args.optim` names) touch only the tasks of its batch, at any number of tasks:
+      each task's adapter trains exactly as a parameter of its own that gets no gradient, hence no update and no
+      weight decay, on the steps whose batch does not contain its task.
     - **Distributed**: DDP (`torchrun`, `accelerate launch`) registers the parameters of both stages when it wraps the
       model, so the parameters that become trainable at the switch are all-reduced; FSDP needs `use_orig_params=True`
       (checked); DeepSpeed fixes its parameter groups when it initializes, so a switch inside one `train()` call is
@@ -608,9 +613,15 @@ class AlterTrainer(Seq2SeqTrainer):
                 )
         self._aux_loss_sum = torch.zeros(())
         self._aux_loss_count = 0
-        output = super().train(
-            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-        )
+        # One parameter per task adapter while training: a stage-1 step costs the backward pass, clipping and the
+        # optimizer only the tasks of its batch (with 128 tasks, the stacked banks cost more than the model's own update).
+        model.split_task_adapters()
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            model.merge_task_adapters()
         if _alter_setting(self.args, "save_routing_heatmap"):
             self.save_routing_report(self.args.output_dir)
         return output
@@ -685,13 +696,6 @@ class AlterTrainer(Seq2SeqTrainer):
         optimizer = super().create_optimizer(opt_model)
         learning_rate = self._stage_learning_rate()
         inner = getattr(optimizer, "optimizer", optimizer)
-        if type(inner) is torch.optim.AdamW:
-            # the same AdamW, updating in each task-adapter bank only the rows (tasks) the step trained
-            from .optim import RowSparseAdamW
-
-            defaults = {k: v for k, v in inner.defaults.items() if k != "decoupled_weight_decay"}
-            optimizer = inner = self.optimizer = RowSparseAdamW(
-                inner.param_groups, row_sparse=self.alter_model.task_adapter_banks(), **defaults)
         if self.alter_model.frozen_rows is not None:  # train_tasks: other tasks' rows stay exactly as they are
             self.alter_model.frozen_rows.attach(inner)
         for group in inner.param_groups:

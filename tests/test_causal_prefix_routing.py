@@ -183,17 +183,23 @@ def test_pipeline_routes_by_prompt_prefix_with_no_kwargs(kind, tmp_path):
 
 
 def test_causal_model_adds_and_keeps_tasks_like_t5():
-    """The task lifecycle (`mta.AlterTasksMixin`) is shared: adding a task leaves every old task's stage-1 logits
-    bit-identical, training only the new task touches only its adapters, and keep_tasks keeps a task's outputs."""
+    """The task lifecycle (`mta.AlterTasksMixin`) is shared: adding a task leaves every old task's logits
+    bit-identical in both stages, training only the new task touches only its adapters, and keep_tasks keeps a task's
+    outputs."""
     model = tiny_causal_alter(stage=1)
     batch = left_padded_batch()
     old_ids = torch.tensor([0, 1, 2, 1])
+    before = {}
     with torch.no_grad():
-        before = model(**batch, task_ids=old_ids).logits
+        for stage in (2, 1):
+            model.set_stage(stage)
+            before[stage] = model(**batch, task_ids=old_ids).logits
     model.add_tasks(["legal_qa"], init_from="topic")
     assert model.config.task_names == [*TASKS, "legal_qa"]
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch, task_ids=old_ids).logits, before, atol=0, rtol=0)
+        for stage in (2, 1):
+            model.set_stage(stage)
+            torch.testing.assert_close(model(**batch, task_ids=old_ids).logits, before[stage], atol=0, rtol=0)
         copied = model(**batch, task_ids=model.task_ids(["legal_qa"] * 4)).logits
         topic = model(**batch, task_ids=model.task_ids(["topic"] * 4)).logits
     torch.testing.assert_close(copied, topic, atol=0, rtol=0)  # a copy of `topic`'s adapter computes what it does

@@ -1,4 +1,4 @@
-"""Many tasks: the row-sparse AdamW of the task-adapter banks (issue 11, part 5)."""
+"""Many tasks: one parameter per task adapter while training (issue 11, part 5), and the stage-2 default."""
 
 import copy
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from training_utils import tiny_args, tiny_data, tiny_model, tokenizer
 
-from modeling_alter.optim import RowSparseAdamW
+from conftest import random_batch, tiny_alter
+
+from modeling_alter.mta import task_parameter_of
 from modeling_alter.trainer import AlterTrainer
 
 
@@ -14,53 +16,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_row_sparse_adamw_equals_adamw_on_per_task_parameters(amsgrad):
-    """Each row of a stacked bank follows exactly what AdamW does to that row held as its own parameter, which gets
-    no gradient (hence no update, no weight decay) on the steps that do not train it."""
-    torch.manual_seed(0)
-    rows, shape = 6, (3, 4)
-    bank = torch.nn.Parameter(torch.randn(rows, *shape))
-    other = torch.nn.Parameter(torch.randn(5))  # a dense parameter in the same optimizer
-    separate = [torch.nn.Parameter(bank.detach()[i].clone()) for i in range(rows)]
-    other_ref = torch.nn.Parameter(other.detach().clone())
-    kwargs = dict(lr=0.05, weight_decay=0.1, betas=(0.8, 0.9), amsgrad=amsgrad)
-    sparse = RowSparseAdamW([bank, other], row_sparse=[bank], **kwargs)
-    dense = torch.optim.AdamW(separate + [other_ref], **kwargs)
-    for step, touched in enumerate([[0, 2], [2], [1, 2, 5], [], [0, 5], [3]]):
-        grad = torch.zeros(rows, *shape)
-        for i in touched:
-            grad[i] = torch.randn(shape)
-        bank.grad, other.grad = grad, torch.full((5,), 0.1 * step)
-        for i, p in enumerate(separate):
-            p.grad = grad[i].clone() if i in touched else None
-        other_ref.grad = other.grad.clone()
-        sparse.step()
-        dense.step()
-        for i in range(rows):
-            assert torch.equal(bank[i], separate[i]), (step, i)
-        assert torch.equal(other, other_ref)
-    assert sparse.state[bank]["step"].tolist() == [2, 1, 3, 1, 0, 2]
-    assert torch.equal(bank[4], bank[4].detach())  # never touched: never decayed
-    restored = RowSparseAdamW([bank, other], row_sparse=[bank], **kwargs)
-    restored.load_state_dict(sparse.state_dict())
-    assert torch.equal(restored.state[bank]["step"], sparse.state[bank]["step"])
-
-
 @pytest.mark.parametrize("adapter_form", ["plain", "gated"])
-def test_training_steps_equal_adamw_on_per_task_adapters(adapter_form):
-    """Through the model (mixed-task and one-task batches, so both gathers of a bank's rows): a bank's gradient is
-    exactly zero on the rows of the tasks not in the batch, and over several steps `RowSparseAdamW` gives every
-    parameter exactly what `torch.optim.AdamW` gives the same model whose task adapters are one parameter per task
-    (None gradient, hence no update and no weight decay, for the tasks a step does not train)."""
-    from conftest import random_batch, tiny_alter
-
+def test_split_training_steps_equal_adamw_on_per_task_adapters(adapter_form):
+    """Through the model (mixed-task and one-task batches): with the task adapters split, the tasks not in a batch get
+    no gradient, and over several steps torch's AdamW gives every parameter exactly what it gives the same model whose
+    task adapters are held as one parameter per task by hand (None gradient, hence no update and no weight decay,
+    for the tasks a step does not train)."""
     model = tiny_alter(adapter_form=adapter_form).train()
     reference = copy.deepcopy(model)
+    model.split_task_adapters()
     kwargs = dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.9))
-    sparse = RowSparseAdamW([p for p in model.parameters() if p.requires_grad], row_sparse=model.task_adapter_banks(),
-                            **kwargs)
+    split = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kwargs)
     banks = reference.task_adapter_banks()
+    assert not any(bank.requires_grad for bank in model.task_adapter_banks())
     per_task = [[torch.nn.Parameter(bank.detach()[i].clone()) for i in range(bank.shape[0])] for bank in banks]
     others = [p for p in reference.parameters() if p.requires_grad and all(p is not bank for bank in banks)]
     dense = torch.optim.AdamW(others + [p for rows in per_task for p in rows], **kwargs)
@@ -71,23 +39,80 @@ def test_training_steps_equal_adamw_on_per_task_adapters(adapter_form):
         for bank, rows in zip(banks, per_task):
             for i, p in enumerate(rows):
                 p.grad = bank.grad[i].clone() if i in tasks else None
-                assert (i in tasks) == bool(bank.grad[i].any()), (step, i)
             bank.grad = None
-        sparse.step()
+        for name, p in model.named_parameters():
+            split_of = task_parameter_of(name)
+            if split_of is not None:
+                assert (p.grad is not None) == (split_of[1] in tasks), (step, name)
+        split.step()
         dense.step()
-        for opt in (sparse, dense):
+        for opt in (split, dense):
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for bank, rows in zip(banks, per_task):
                 bank.copy_(torch.stack(rows))
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            assert torch.equal(p, q), (step, name)
+        assert model.state_dict().keys() == reference.state_dict().keys()
+        for name, value in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), (step, name)
 
 
-def test_row_sparse_adamw_refuses_capturable():
-    p = torch.nn.Parameter(torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="capturable=False"):
-        RowSparseAdamW([p], row_sparse=[p], capturable=True)
+def test_split_model_computes_saves_and_loads_as_the_unsplit_one(tmp_path):
+    from modeling_alter import AlterForConditionalGeneration
+
+    model = tiny_alter()
+    batch = random_batch()
+    mixed, one = torch.tensor([0, 2, 1, 0]), torch.tensor([1, 1, 1, 1])
+    with torch.no_grad():
+        expected = [model(**batch, task_ids=ids).logits for ids in (mixed, one)]
+    keys, params = set(model.state_dict()), set(dict(model.named_parameters()))
+    model.split_task_adapters()
+    assert model.task_adapters_split
+    names = model.trainable_parameter_names(1)
+    assert names == {name for name, p in model.named_parameters() if p.requires_grad}
+    in_mta = {name for name in names if ".mta." in name}  # (and the backbone: stage1_train_backbone)
+    assert in_mta and all(task_parameter_of(name) for name in in_mta)  # the per-task parameters, not the banks
+    assert model.trainable_parameter_names(2) == tiny_alter().trainable_parameter_names(2)
+    with torch.no_grad():
+        for ids, logits in zip((mixed, one), expected):
+            assert torch.equal(model(**batch, task_ids=ids).logits, logits)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path / "split")
+    reloaded = AlterForConditionalGeneration.from_pretrained(tmp_path / "split")
+    assert not reloaded.task_adapters_split
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch, task_ids=mixed).logits, expected[0])
+        # an update of a per-task parameter is an update of its bank (what is saved)
+        down = model.mta_modules()["encoder.block.0.layer.1.mta"]
+        down.task_parameters["task_down"][2].add_(1.0)
+        assert torch.equal(down.task_down[2], reloaded.mta_modules()["encoder.block.0.layer.1.mta"].task_down[2] + 1)
+    # a strict load fills the banks, and the per-task parameters with them
+    model.load_state_dict(reloaded.state_dict())
+    assert torch.equal(down.task_parameters["task_down"][2], down.task_down[2])
+    # Module.to gives banks and per-task parameters separate storage: the next forward points them back
+    model.double()
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items()}, task_ids=mixed)
+        down.task_parameters["task_up"][0].mul_(0)
+    assert not down.task_up[0].any()
+    with pytest.raises(ValueError, match="merge_task_adapters"):
+        model.add_tasks(["new"])
+    model.merge_task_adapters()
+    assert not model.task_adapters_split and set(dict(model.named_parameters())) == params
+    assert model.trainable_parameter_names(1) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_split_with_train_tasks_trains_only_their_parameters():
+    model = tiny_alter()
+    model.set_train_tasks(["topic"])
+    model.split_task_adapters()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {task_parameter_of(name)[1] for name in trainable} == {1}
+    assert model.frozen_rows is None  # nothing to restore: the other tasks' parameters do not train at all
+    model.set_stage(2)
+    assert model.frozen_rows is not None  # stage 2: the task embeddings' other rows
+    model.merge_task_adapters()
+    model.set_stage(1)
+    assert model.frozen_rows is not None and all(p.requires_grad for p in model.task_adapter_banks())
 
 
 def test_trainer_updates_only_the_tasks_in_the_batch(tmp_path):
@@ -98,7 +123,8 @@ def test_trainer_updates_only_the_tasks_in_the_batch(tmp_path):
     args = tiny_args(tmp_path, weight_decay=0.1, max_steps=2, stage1_steps=None)
     trainer = AlterTrainer(model=model, args=args, train_dataset=copy_only, processing_class=tokenizer())
     trainer.train()
-    assert type(trainer.optimizer.optimizer) is RowSparseAdamW
+    assert type(trainer.optimizer.optimizer) is torch.optim.AdamW  # args.optim's own optimizer
+    assert not model.task_adapters_split and set(dict(model.named_parameters())) == set(before)
     banks = {id(p) for p in model.task_adapter_banks()}
     for name, p in model.named_parameters():
         if id(p) in banks:
@@ -110,8 +136,6 @@ def test_trainer_updates_only_the_tasks_in_the_batch(tmp_path):
 
 
 def test_auto_top_k_is_dense_up_to_16_adapters_and_top2_past_them():
-    from conftest import tiny_alter
-
     from modeling_alter import AlterConfig
     from modeling_alter.mta import AUTO_DENSE_MAX_ADAPTERS, AUTO_TOP_K
 

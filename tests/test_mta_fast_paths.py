@@ -333,8 +333,9 @@ def test_dense_and_sparse_paths_on_any_support(grad, shared):
         up = list(mta.task_up) + list(mta.shared_up)
         return sum(sparse_weights[..., j : j + 1] * (mta.act(x @ down[j]) @ up[j]) for j in range(n))
 
-    assert_same(mta, lambda x: mta._sparse_mixture(x, sparse_weights, support), reference, u, grad)
-    assert_same(mta, lambda x: mta._dense_mixture(x, sparse_weights), reference, u, grad)
+    full = mta._gate_parameters(None)
+    assert_same(mta, lambda x: mta._sparse_mixture(x, sparse_weights, support, full), reference, u, grad)
+    assert_same(mta, lambda x: mta._dense_mixture(x, sparse_weights, full), reference, u, grad)
 
 
 @pytest.mark.parametrize("stage,top_k", [(1, None), (2, None), (2, 2)])
@@ -398,7 +399,7 @@ def reference_forward(self, u, routing):
     if routing.stage == 1:
         return out, modeling.MTAStats(None, None, None)
     weights, probs = reference_gate(self, u, routing.task_ids)
-    return out, self._gate_stats(weights, probs, routing)
+    return out, self._gate_stats(weights, probs, routing, self._gate_parameters(None))
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """A model's life after training: add tasks, train only them, keep some tasks (DESIGN.md §6)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import TASKS, random_batch, tiny_alter
 from training_utils import TRAIN_TASKS, tiny_args, tiny_model, tokenizer
 
-from modeling_alter import AlterForConditionalGeneration
+from modeling_alter import AlterConfig, AlterForConditionalGeneration
 from modeling_alter.data import build_multitask_dataset
 from modeling_alter.mta import BLOCKED_GATE_LOGIT
 from modeling_alter.synthetic_tasks import make_synthetic_tasks
@@ -39,12 +41,15 @@ def old_task_outputs(model, batch, num_tasks):
         out[stage, "mixed"] = logits(model, batch, mixed, stage)
         for task in range(num_tasks):
             out[stage, task] = logits(model, batch, [task] * batch["input_ids"].shape[0], stage)
+    with torch.no_grad():  # stage 2 without task ids: the unknown-task route, and the routing weights
+        output = model(**batch, output_routing_weights=True)
+    out[2, "unknown"], out[2, "unknown_weights"] = output.logits, output.routing_weights
     return out
 
 
-@pytest.mark.parametrize("top_k", [None, 2])
-def test_add_tasks_keeps_old_tasks(top_k):
-    model = trained_like(router_top_k=top_k)
+@pytest.mark.parametrize("top_k, mix", [(None, 0.3), (2, 0.3), (None, 0.0)])  # dense, top-k, one-hot task adapters
+def test_add_tasks_keeps_old_tasks(top_k, mix):
+    model = trained_like(router_top_k=top_k, mix=mix)
     batch = random_batch(batch=6)
     before = old_task_outputs(model, batch, 3)
     model.add_tasks(["legal", "med"], init_from=[None, "topic"])
@@ -56,15 +61,39 @@ def test_add_tasks_keeps_old_tasks(top_k):
         assert (emb[[0, 1, 2, 5]][:, [3, 4]] == BLOCKED_GATE_LOGIT).all()  # old tasks and unknown: new ones blocked
         assert emb[3, 3] == 0 and emb[4, 4] == emb[4, 1] and emb[4, 3] == BLOCKED_GATE_LOGIT
         assert mta.task_up[3].abs().sum() == 0 and torch.equal(mta.task_up[4], mta.task_up[1])
+    assert model.config.visible_task_adapters == [3, 3, 3, 4, 5, 3]  # old tasks, new ones, the unknown task
     after = old_task_outputs(model, batch, 3)
     for key, value in before.items():
-        if key[0] == 1:  # stage 1: the same computation, bit for bit
+        if key[1] == "unknown_weights":  # the new adapters' columns are exactly 0
+            assert after[key].shape[-1] == 6 and torch.equal(after[key][..., [0, 1, 2, 5]], value), key
+            assert not after[key][..., [3, 4]].any()
+        else:  # both stages: the same computation, bit for bit (stage 2 routes over the adapters they may use)
             assert torch.equal(after[key], value), key
-        else:  # stage 2: the same function (blocked weights are exactly 0); wider GEMMs may round differently
-            torch.testing.assert_close(after[key], value, rtol=0, atol=1e-5)
     # a new task copied from another computes what it did in stage 1; a fresh one only the backbone's FFN
     assert torch.equal(logits(model, batch, [4] * 6, 1), before[1, 1])
     assert not torch.allclose(logits(model, batch, [3] * 6, 1), before[1, 0])
+
+
+def test_stage2_training_after_add_tasks_routes_old_tasks_over_their_adapters():
+    """An old-task batch computes over the adapters it may use: the same loss and gradients (to rounding) as over
+    all adapters with the new ones blocked, and no gradient at all for the new adapters' router rows. (The
+    load-balancing loss, left out here, counts the adapters the batch may use, as it did before the tasks were added;
+    over all adapters it would count the blocked one too.)"""
+    model = trained_like(router_aux_loss_coef=0.0)
+    model.add_tasks(["legal"])
+    model.set_stage(2)
+    model.train()
+    full = copy.deepcopy(model)
+    full.config.visible_task_adapters = None  # every adapter, the new one blocked by its gate logit alone
+    batch, old = random_batch(), torch.tensor([0, 2, 1, 0])
+    for m in (model, full):
+        torch.manual_seed(0)  # the same task-id drops
+        m(**batch, task_ids=old).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), full.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+            if name.endswith("router.weight"):
+                assert not p.grad[3].any(), name
 
 
 def test_add_tasks_errors():
@@ -90,10 +119,30 @@ def test_added_task_saves_and_reloads(tmp_path):
 
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()  # the Auto classes, as after any save
     assert type(loaded) is AlterForConditionalGeneration
-    assert loaded.config.task_names == TASKS + ["legal"]
+    assert loaded.config.task_names == TASKS + ["legal"] and loaded.config.visible_task_adapters == [3, 3, 3, 4, 3]
     batch = random_batch()
     for stage in (1, 2):
         assert torch.equal(logits(loaded, batch, [3, 0, 3, 2], stage), logits(model, batch, [3, 0, 3, 2], stage))
+        assert torch.equal(logits(loaded, batch, [1, 0, 1, 2], stage), logits(trained_like(), batch, [1, 0, 1, 2], stage))
+
+
+def test_dropping_the_added_tasks_gives_back_the_original_model():
+    original = trained_like()
+    model = trained_like()
+    model.add_tasks(["legal", "med"], init_from="topic")
+    back = model.keep_tasks(TASKS)
+    assert back.config.visible_task_adapters is None and back.config.num_adapters == original.config.num_adapters
+    batch = random_batch(batch=6)
+    outputs = old_task_outputs(back, batch, 3)
+    for key, value in old_task_outputs(original, batch, 3).items():
+        assert torch.equal(outputs[key], value), key
+    # renumbered tasks: the blocked gate logits alone keep "med" away from "legal"
+    assert model.keep_tasks(["med", "legal", "topic"]).config.visible_task_adapters is None
+    with pytest.raises(ValueError, match=r"visible_task_adapters=\[3, 3\] is not valid: expected None or 4"):
+        AlterConfig(task_names=TASKS, visible_task_adapters=[3, 3])
+    with pytest.raises(ValueError, match="integers in \\[1, 3\\]"):
+        AlterConfig(task_names=TASKS, visible_task_adapters=[3, 3, 4, 3])
+    assert AlterConfig(task_names=TASKS, visible_task_adapters=[3, 3, 3, 3]).visible_task_adapters is None
 
 
 def test_keep_tasks_stage1_exact_and_stage2_renormalised():

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training_utils import TRAIN_TASKS, tiny_data, tiny_model, tokenizer  # noqa: E402
 
+from modeling_alter.mta import task_parameter_of  # noqa: E402
 from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments  # noqa: E402
 
 
@@ -39,8 +40,9 @@ class JobArguments:
 
 
 def parameters(model):
-    """The model's parameters by name (a tied weight once), as contiguous CPU tensors."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+    """The model's parameters by name (a tied weight once), as contiguous CPU tensors; during training without the
+    per-task views of the task-adapter banks (`split_task_adapters`), which the banks hold."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if task_parameter_of(name) is None}
 
 
 class Snapshots(TrainerCallback):
