@@ -285,7 +285,9 @@ class AlterMTA(nn.Module):
         self.task_parameters = nn.ModuleDict({
             name: nn.ParameterList([nn.Parameter(bank.detach()[t], requires_grad=False) for t in range(bank.shape[0])])
             for name in TASK_ADAPTER_PARAMETERS if (bank := getattr(self, name)) is not None})
-        self._split_hooks = [self.register_state_dict_post_hook(_drop_task_parameters),
+        # (the public name of the state-dict hook is recent in PyTorch; older versions have the private one)
+        on_state_dict = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        self._split_hooks = [on_state_dict(_drop_task_parameters),
                              self.register_load_state_dict_post_hook(_after_load_with_task_parameters)]
 
     def merge_task_adapters(self) -> None:
