@@ -118,12 +118,12 @@ class AlterCausalDecoderLayer(nn.Module):
             position_embeddings=position_embeddings, use_cache=use_cache, **{self._cache_arg: cache}, **kwargs,
         )
         if "self_attention" in self.mta:
-            adapter_out, attn_stats = self.mta["self_attention"](u, routing)
-            out, stats = out + adapter_out, [attn_stats]
+            out, attn_stats = self.mta["self_attention"](u, routing, sublayer_out=out)  # attention(u) + MTA(u)
+            stats = [attn_stats]
         hidden_states = hidden_states + out
         u = self.post_attention_layernorm(hidden_states)
-        adapter_out, ffn_stats = self.mta["ffn"](u, routing)
-        hidden_states = hidden_states + (self.mlp(u) + adapter_out)
+        out, ffn_stats = self.mta["ffn"](u, routing, sublayer_out=self.mlp(u))  # MLP(u) + MTA(u)
+        hidden_states = hidden_states + out
         return hidden_states, attn_weights, (*stats, ffn_stats)
 
 

@@ -241,17 +241,22 @@ class AlterMTA(nn.Module):
         self.register_module("task_parameters", None)  # see split_task_adapters
         self._split_hooks = []  # non-empty while split
 
-    def forward(self, u: torch.Tensor, routing: TaskRouting) -> tuple[torch.Tensor, MTAStats]:
+    def forward(self, u: torch.Tensor, routing: TaskRouting, sublayer_out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MTAStats]:
+        """`u` `[batch, length, hidden]` (the sublayer's normalised input) -> (the MTA output of the same shape, its
+        statistics). With `sublayer_out` (the sublayer's output, same shape), returns `sublayer_out + MTA(u)`, added
+        by the last GEMM (`addmm`) where the path allows instead of a separate pass over the output."""
         if routing.stage == 2:
-            return self._collaboration(u, routing)
+            return self._collaboration(u, routing, sublayer_out)
         stats = MTAStats(None, None, None)
         if routing.output_stats:
             weights = F.one_hot(routing.task_ids, self.num_adapters).float()
             stats = MTAStats(None, weights, torch.zeros(u.shape[0], device=u.device))
-        return self._own_adapters(u, routing), stats
+        return self._own_adapters(u, routing, sublayer_out), stats
 
-    def _own_adapters(self, u, routing):
-        """Each example's own task adapter (stage 1): examples sorted by task, one GEMM per task's block of rows."""
+    def _own_adapters(self, u, routing, out=None):
+        """Each example's own task adapter (stage 1), plus `out` if given: examples sorted by task, one GEMM per
+        task's block of rows."""
         groups = routing.task_groups
         down, up, linear = self._task_weights()
         if len(groups.adapters) == 1:
@@ -259,13 +264,17 @@ class AlterMTA(nn.Module):
             hidden = self.act(u @ down[task].to(u.dtype))
             if self.gated:
                 hidden = hidden * (u @ linear[task].to(u.dtype))
-            return hidden @ up[task].to(u.dtype)
+            if out is None:
+                return hidden @ up[task].to(u.dtype)
+            return torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                               up[task].to(u.dtype)).view_as(out)
         x = u.index_select(0, routing.order).flatten(0, 1)
         tokens = groups.repeat_rows(u.shape[1])
         hidden = self.act(_matmul_per_group(x, down, tokens))
         if self.gated:
             hidden = hidden * _matmul_per_group(x, linear, tokens)
-        return _matmul_per_group(hidden, up, tokens).view_as(u).index_select(0, routing.group_inverse)
+        result = _matmul_per_group(hidden, up, tokens).view_as(u).index_select(0, routing.group_inverse)
+        return result if out is None else out + result
 
     # ---- task adapters as one parameter per task (training many tasks) -----------------------------------------
 
@@ -349,14 +358,15 @@ class AlterMTA(nn.Module):
             top_values, top_index = probs.topk(p.top_k, dim=-1)
             gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
         mix = self.gate_mix.float()
-        mix = torch.where(own.known, _UnitClamp.apply(mix) if mix.requires_grad else mix.clamp(0, 1), 1.0)
+        trains_mix = mix.requires_grad and torch.is_grad_enabled()
+        mix = torch.where(own.known, _UnitClamp.apply(mix) if trains_mix else mix.clamp(0, 1), 1.0)
         weights = torch.lerp(own.one_hot, gate, mix)
         # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
         # not move the output, and they and the gate learn from the first stage-2 step.
         weights = torch.cat([weights[..., : p.num_tasks], gate[..., p.num_tasks :]], -1)
         return weights, probs, top_index
 
-    def _collaboration(self, u, routing):
+    def _collaboration(self, u, routing, sublayer_out=None):
         own, p = routing.own_tasks, self._gate_parameters(routing.visible_tasks)
         if p.num_tasks < self.num_tasks:
             own = own._replace(one_hot=torch.cat([own.one_hot[..., : p.num_tasks], own.one_hot[..., self.num_tasks:]],
@@ -368,15 +378,16 @@ class AlterMTA(nn.Module):
         if top_index is not None and on_cpu:
             support = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
         if not training and on_cpu and routing.task_groups is not None and float(self.gate_mix) <= 0.0:
-            out = self._own_adapters(u, routing)  # the task adapters' weights are exactly one-hot
+            out = self._own_adapters(u, routing, sublayer_out)  # the task adapters' weights are exactly one-hot
             if p.shared_down.shape[0]:
                 shared = weights[..., p.num_tasks :].reshape(-1, p.shared_down.shape[0]).to(u.dtype)
                 out = self._weighted_bank(u.reshape(-1, u.shape[-1]), p.shared_down, p.shared_up, shared,
                                           out.reshape(-1, u.shape[-1]), p.shared_linear).view_as(u)
         elif support is not None and self._sparse_pays(support, p):
             out = self._sparse_mixture(u, weights, support, p)
+            out = out if sublayer_out is None else sublayer_out + out
         else:
-            out = self._dense_mixture(u, weights, p)
+            out = self._dense_mixture(u, weights, p, sublayer_out)
         stats = self._gate_stats(weights, probs, routing, p)
         if p.num_tasks < self.num_tasks and stats.weights is not None:  # the blocked adapters' weights: exactly 0
             w = stats.weights
@@ -393,10 +404,12 @@ class AlterMTA(nn.Module):
         skipped = support.numel() - pairs
         return skipped >= max(pairs, _MIN_SKIPPED_PAIRS) or 2 * used <= p.num_adapters
 
-    def _dense_mixture(self, u, weights, p: GateParameters):
-        """Every adapter for every token: per bank (task, shared), one batched GEMM down and one GEMM up."""
+    def _dense_mixture(self, u, weights, p: GateParameters, out=None):
+        """Every adapter for every token (plus `out` if given): per bank (task, shared), one batched GEMM down and one
+        GEMM up."""
         x, w = u.reshape(-1, u.shape[-1]), weights.reshape(-1, p.num_adapters).to(u.dtype)
-        out = self._weighted_bank(x, p.task_down, p.task_up, w[:, : p.num_tasks], linear=p.task_linear)
+        out = out.reshape(-1, out.shape[-1]) if out is not None else None
+        out = self._weighted_bank(x, p.task_down, p.task_up, w[:, : p.num_tasks], out, p.task_linear)
         if p.shared_down.shape[0]:
             out = self._weighted_bank(x, p.shared_down, p.shared_up, w[:, p.num_tasks :], out, p.shared_linear)
         return out.view_as(u)
