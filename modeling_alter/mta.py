@@ -310,9 +310,9 @@ class AlterMTA(nn.Module):
         self.task_parameters = None
 
     def _alias_task_parameters(self) -> None:
-        """Points every per-task parameter back at its bank row (`Module.to` and `load_state_dict(assign=True)`
-        replace the banks' and the per-task parameters' storage separately; both then hold the same values, or the
-        bank the newer ones)."""
+        """Points every per-task parameter back at its bank's row. `Module.to` gives the banks and the per-task
+        parameters new storage separately (with the same values), `load_state_dict(assign=True)` gives the banks new
+        values: either way the bank is right."""
         for name, rows in self.task_parameters.items():
             bank = getattr(self, name)
             if rows[0].data_ptr() != bank.data_ptr() or rows[0].device != bank.device:
@@ -368,9 +368,9 @@ class AlterMTA(nn.Module):
 
     def _collaboration(self, u, routing, sublayer_out=None):
         own, p = routing.own_tasks, self._gate_parameters(routing.visible_tasks)
-        if p.num_tasks < self.num_tasks:
-            own = own._replace(one_hot=torch.cat([own.one_hot[..., : p.num_tasks], own.one_hot[..., self.num_tasks:]],
-                                                 -1))
+        n, T = p.num_tasks, self.num_tasks
+        if n < T:
+            own = own._replace(one_hot=torch.cat([own.one_hot[..., :n], own.one_hot[..., T:]], -1))
         weights, probs, top_index = self._gate(u, own, p)
         training = torch.is_grad_enabled() and weights.requires_grad
         on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
@@ -389,10 +389,9 @@ class AlterMTA(nn.Module):
         else:
             out = self._dense_mixture(u, weights, p, sublayer_out)
         stats = self._gate_stats(weights, probs, routing, p)
-        if p.num_tasks < self.num_tasks and stats.weights is not None:  # the blocked adapters' weights: exactly 0
+        if n < T and stats.weights is not None:  # the statistics name every adapter: the blocked ones weigh 0
             w = stats.weights
-            hidden = w.new_zeros(*w.shape[:-1], self.num_tasks - p.num_tasks)
-            stats = stats._replace(weights=torch.cat([w[..., : p.num_tasks], hidden, w[..., p.num_tasks :]], -1))
+            stats = stats._replace(weights=torch.cat([w[..., :n], w.new_zeros(*w.shape[:-1], T - n), w[..., n:]], -1))
         return out, stats
 
     def _sparse_pays(self, support, p: GateParameters):

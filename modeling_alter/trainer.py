@@ -393,7 +393,8 @@ class AlterTrainer(Seq2SeqTrainer):
       views of the stacked banks, which are still what checkpoints hold), so a stage-1 step's backward pass, gradient
       clipping and optimizer (whichever `args.optim` names) touch only the tasks of its batch, at any number of tasks:
       each task's adapter trains exactly as a parameter of its own that gets no gradient, hence no update and no
-      weight decay, on the steps whose batch does not contain its task.
+      weight decay, on the steps whose batch does not contain its task. (Under FSDP and DeepSpeed, which flatten
+      parameters into storage of their own, the banks train as stacked parameters.)
     - **Distributed**: DDP (`torchrun`, `accelerate launch`) registers the parameters of both stages when it wraps the
       model, so the parameters that become trainable at the switch are all-reduced; FSDP needs `use_orig_params=True`
       (checked); DeepSpeed fixes its parameter groups when it initializes, so a switch inside one `train()` call is
@@ -614,8 +615,10 @@ class AlterTrainer(Seq2SeqTrainer):
         self._aux_loss_sum = torch.zeros(())
         self._aux_loss_count = 0
         # One parameter per task adapter while training: a stage-1 step costs the backward pass, clipping and the
-        # optimizer only the tasks of its batch (with 128 tasks, the stacked banks cost more than the model's own update).
-        model.split_task_adapters()
+        # optimizer only the tasks of its batch (with 128 tasks, the stacked banks cost more than the model's own
+        # update). Not under FSDP and DeepSpeed, which flatten parameters into storage of their own (no views).
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            model.split_task_adapters()
         try:
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
