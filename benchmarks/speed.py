@@ -474,6 +474,20 @@ def causal_flop_ratio(config, kind, prompt, new_tokens=None, num_tasks=8, top_k=
     return (2 * backbone + 3 * adapters) / (3 * backbone)
 
 
+def causal_traffic_ratio(config, name, batch=8, num_tasks=8, top_k=2):
+    """Analytic weight-traffic ratio of `generate` (ALTER over the plain LM), which bounds a batch-8 decoding step
+    (it reads weights faster than it computes): every forward reads the backbone's weights (layers and LM head) once,
+    and the MTA modules the adapters some token of the batch uses (stage 1: each distinct task's; stage 2 dense:
+    all, plus the router; top-k: each token's own task and k chosen, at most all, plus the router)."""
+    d, ff, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    backbone = L * (2 * d * d + 2 * d * kv + 3 * d * ff) + V * d
+    n = num_tasks + SHARED
+    read = {"s1_one": 1, "s1_mixed": min(batch, num_tasks), "s2_dense": n, "s2_topk": min(n, batch * (top_k + 1))}
+    adapters = L * (read[name] * 2 * d * ADAPTER_DIM + (n * d if name.startswith("s2") else 0))
+    return (backbone + adapters) / backbone
+
+
 def causal_section(args, log):
     """Decoder-only rows: ALTER (`AlterForCausalLM`, MTA on every MLP) against the plain Llama of the same shape."""
     plain = make_causal_plain(args)
@@ -496,8 +510,10 @@ def causal_section(args, log):
     for name in fns:
         kind = "s1" if name.startswith("s1") else name
         flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, kind, prompt, args.new_tokens)
+        traffic = 1.0 if name == "plain" else causal_traffic_ratio(plain.config, name)
         results[f"causal_gen_{name}"] = dict(
             ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
+            traffic_ratio=traffic,
             median_ms=1e3 * statistics.median(times[name]), rounds_ms=[1e3 * t for t in times[name]])
 
     labels = torch.randint(2, CAUSAL_SHAPE["vocab_size"], (8, args.train_src), generator=g).to(args.device)
