@@ -619,6 +619,11 @@ class AlterTrainer(Seq2SeqTrainer):
         # update). Not under FSDP and DeepSpeed, which flatten parameters into storage of their own (no views).
         if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             model.split_task_adapters()
+        if self.optimizer is not None:  # an earlier train() call's: it holds that call's per-task parameters
+            accelerated = getattr(self.accelerator, "_optimizers", None)
+            if accelerated is not None and self.optimizer in accelerated:
+                accelerated.remove(self.optimizer)
+            self.optimizer, self.lr_scheduler = None, None
         try:
             output = super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs

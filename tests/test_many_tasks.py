@@ -135,6 +135,21 @@ def test_trainer_updates_only_the_tasks_in_the_batch(tmp_path):
             assert not torch.equal(p, before[name]), name  # the backbone trains as usual
 
 
+def test_a_second_train_call_trains_the_task_adapters_again(tmp_path):
+    """Each train() call splits the task adapters anew, so it builds a new optimizer over the new per-task parameters
+    (an optimizer kept from the first call would hold parameters the model no longer computes with)."""
+    model = tiny_model()
+    train_set, _ = tiny_data()
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path, max_steps=2, stage1_steps=None),
+                           train_dataset=train_set, processing_class=tokenizer())
+    trainer.train()
+    first = trainer.optimizer
+    after_first = [p.detach().clone() for p in model.task_adapter_banks()]
+    trainer.train()
+    assert trainer.optimizer is not first
+    assert all(not torch.equal(p, q) for p, q in zip(model.task_adapter_banks(), after_first))
+
+
 def test_auto_top_k_is_dense_up_to_16_adapters_and_top2_past_them():
     from modeling_alter import AlterConfig
     from modeling_alter.mta import AUTO_DENSE_MAX_ADAPTERS, AUTO_TOP_K
