@@ -962,8 +962,9 @@ class AlterTasksMixin:
         `init_from`: `None`, an existing task name for every new task, or one entry per new task. Existing tasks and
         the unknown-task route get a blocked gate logit (`mta.BLOCKED_GATE_LOGIT`) for the new adapters, so their
         outputs in stage 1 and stage 2 stay what they were, bit for bit (`config.visible_task_adapters` records which
-        adapters each task may use, and a stage-2 batch of older tasks is computed over those only); a new task's
-        gate sees every older adapter and its own.
+        adapters each task may use, and a stage-2 batch of older tasks is computed over those only), except when
+        `router_top_k="auto"` and the model passes 16 adapters (every task then routes top-2); a new task's gate
+        sees every older adapter and its own.
         Follow with `set_train_tasks(names)` to train only the new tasks (a stage-2 model: a short stage 1, then a
         short stage 2 of their embedding rows)."""
         keep, added = plan_task_changes(self.config.task_names, add=names, init_from=init_from)
