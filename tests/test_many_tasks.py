@@ -150,6 +150,25 @@ def test_a_second_train_call_trains_the_task_adapters_again(tmp_path):
     assert all(not torch.equal(p, q) for p, q in zip(model.task_adapter_banks(), after_first))
 
 
+def test_load_best_model_at_end_loads_into_the_split_banks(tmp_path):
+    """Trainer loads the best checkpoint inside train(), while the adapters are split: the load fills the banks (and
+    so the per-task views), with no missing-key complaint about the views."""
+    from modeling_alter import AlterForConditionalGeneration
+
+    model = tiny_model()
+    train_set, eval_sets = tiny_data()
+    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
+                     save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=True)  # the first, worse checkpoint
+    trainer = AlterTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                           processing_class=tokenizer())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = AlterForConditionalGeneration.from_pretrained(trainer.state.best_model_checkpoint)
+    assert model.state_dict().keys() == best.state_dict().keys()
+    assert all(torch.equal(p, best.state_dict()[name]) for name, p in model.state_dict().items())
+
+
 def test_auto_top_k_is_dense_up_to_16_adapters_and_top2_past_them():
     from modeling_alter import AlterConfig
     from modeling_alter.mta import AUTO_DENSE_MAX_ADAPTERS, AUTO_TOP_K
