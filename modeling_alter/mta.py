@@ -165,6 +165,14 @@ def _matmul_per_group(x: torch.Tensor, weights, groups: RowGroups) -> torch.Tens
     return torch.cat([block @ weights[a] for a, block in zip(adapters, blocks)])
 
 
+def _in_dtype(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weight` in `x`'s dtype (a bf16 activation under autocast, say); no operation when it already is."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+_NO_STATS = MTAStats(None, None, None)
+
+
 class _UnitClamp(torch.autograd.Function):
     """`clamp(x, 0, 1)` whose gradient also passes where `x` lies outside [0, 1] and the gradient points back inside.
 
@@ -248,7 +256,7 @@ class AlterMTA(nn.Module):
         by the last GEMM (`addmm`) where the path allows instead of a separate pass over the output."""
         if routing.stage == 2:
             return self._collaboration(u, routing, sublayer_out)
-        stats = MTAStats(None, None, None)
+        stats = _NO_STATS
         if routing.output_stats:
             weights = F.one_hot(routing.task_ids, self.num_adapters).float()
             stats = MTAStats(None, weights, torch.zeros(u.shape[0], device=u.device))
@@ -259,15 +267,15 @@ class AlterMTA(nn.Module):
         task's block of rows."""
         groups = routing.task_groups
         down, up, linear = self._task_weights()
-        if len(groups.adapters) == 1:
+        if len(groups.adapters) == 1:  # the fewest operations: at a decoding step each costs more than its arithmetic
             task = groups.adapters[0]
-            hidden = self.act(u @ down[task].to(u.dtype))
+            x = u.reshape(-1, u.shape[-1])
+            hidden = self.act(torch.mm(x, _in_dtype(down[task], x)))
             if self.gated:
-                hidden = hidden * (u @ linear[task].to(u.dtype))
+                hidden = hidden * torch.mm(x, _in_dtype(linear[task], x))
             if out is None:
-                return hidden @ up[task].to(u.dtype)
-            return torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                               up[task].to(u.dtype)).view_as(out)
+                return torch.mm(hidden, _in_dtype(up[task], x)).view(u.shape)
+            return torch.addmm(out.reshape(x.shape), hidden, _in_dtype(up[task], x)).view(out.shape)
         x = u.index_select(0, routing.order).flatten(0, 1)
         tokens = groups.repeat_rows(u.shape[1])
         hidden = self.act(_matmul_per_group(x, down, tokens))
