@@ -950,7 +950,8 @@ class AlterTrainer(Seq2SeqTrainer):
         """
         Runs the model (forward only) over `dataset` (a dataset with `task_ids`, or a dict of them; default: the
         evaluation set, else up to `args.routing_max_samples` training examples) and returns the per-task routing
-        statistics. Every process must call it.
+        statistics. Every process must call it. Each pass ends as `Trainer.predict` ends one: callbacks get
+        `on_predict` with its metrics (`routing_loss`).
         """
         if dataset is None:
             dataset = self.eval_dataset
@@ -966,12 +967,14 @@ class AlterTrainer(Seq2SeqTrainer):
         self._routing_collector = collector
         try:
             for name, part in datasets.items():
-                self.evaluation_loop(
+                output = self.evaluation_loop(
                     self.get_eval_dataloader(part),
                     description=f"Routing statistics ({name})",
                     prediction_loss_only=True,
                     metric_key_prefix="routing",
                 )
+                # a prediction pass, ended as `Trainer.predict` ends one (which closes the progress bar)
+                self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         finally:
             self._routing_collector = None
         return collector

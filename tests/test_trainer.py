@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, ProgressCallback, TrainerCallback
 from training_utils import TRAIN_TASKS, snapshot, stage_sets, tiny_args, tiny_data, tiny_model, tokenizer
 
 from modeling_alter.callback import StageSwitchCallback
@@ -22,6 +22,7 @@ class Recorder(TrainerCallback):
         self.trainer = trainer
         self.steps = []
         self.snapshot_at_switch = None
+        self.predictions = []  # the metrics of every on_predict
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -39,6 +40,9 @@ class Recorder(TrainerCallback):
                 "scheduler": id(trainer.lr_scheduler),
             }
         )
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self.predictions.append(metrics)
 
     def on_step_end(self, args, state, control, **kwargs):
         planned = self.trainer.stage_callback.planned_switch_step
@@ -176,11 +180,15 @@ def test_per_task_evaluation_metrics(tmp_path):
 
 
 def test_stage1_evaluation_at_switch_heatmap_and_checkpoint_stage(tmp_path):
-    trainer, _ = make_trainer(
+    trainer, recorder = make_trainer(
         tmp_path, max_steps=4, stage1_steps=2, eval_on_stage_switch=True, save_routing_heatmap=True,
-        save_strategy="steps", save_steps=2,
+        save_strategy="steps", save_steps=2, disable_tqdm=False,
     )
     trainer.train()
+    # The routing report's pass ends as a prediction does: its progress bar is closed, callbacks hear on_predict.
+    progress = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback))
+    assert progress.prediction_bar is None
+    assert recorder.predictions and all("routing_loss" in metrics for metrics in recorder.predictions)
     assert trainer.stage1_metrics["eval_copy_exact_match"] >= 0.0
     png = tmp_path / "routing_heatmap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
