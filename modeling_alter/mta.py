@@ -148,7 +148,7 @@ def _matmul_per_group(x: torch.Tensor, weights, groups: RowGroups) -> torch.Tens
     the number of its rows; the others are not read."""
     blocks = x.split(groups.sizes)
     if not isinstance(weights, torch.Tensor):
-        return torch.cat([block @ weights[a].to(x.dtype) for a, block in zip(groups.adapters, blocks)])
+        return torch.cat([block @ _in_dtype(weights[a], x) for a, block in zip(groups.adapters, blocks)])
     weights = weights.to(x.dtype)
     aligned = all(size * x.element_size() % 16 == 0 for size in weights.shape[1:])
     if (_grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype != torch.float64
@@ -560,12 +560,11 @@ def stage_trainable_names(named_parameters, stage: int, train_backbone: bool) ->
     attribute named `mta`."""
     check_stage(stage)
     all_names = [name for name, _ in named_parameters]
-    split = {name.rsplit(".task_parameters.", 1)[0] for name in all_names if task_parameter_of(name)}
-    names = set()
+    per_task = {name for name in all_names if task_parameter_of(name)}  # split_task_adapters: stage 1's
+    split = {name.rsplit(".task_parameters.", 1)[0] for name in per_task}
+    names = set(per_task) if stage == 1 else set()
     for name in all_names:
-        if task_parameter_of(name):  # a task's own adapter parameter (split_task_adapters): stage 1's
-            if stage == 1:
-                names.add(name)
+        if name in per_task:
             continue
         module, _, leaf = name.rpartition(".")
         in_mta = ".mta." in f".{name}"

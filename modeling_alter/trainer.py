@@ -614,9 +614,7 @@ class AlterTrainer(Seq2SeqTrainer):
                 )
         self._aux_loss_sum = torch.zeros(())
         self._aux_loss_count = 0
-        # One parameter per task adapter while training: a stage-1 step costs the backward pass, clipping and the
-        # optimizer only the tasks of its batch (with 128 tasks, the stacked banks cost more than the model's own
-        # update). Not under FSDP and DeepSpeed, which flatten parameters into storage of their own (no views).
+        # One parameter per task adapter while training (see "Many tasks" in the class docstring).
         if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             model.split_task_adapters()
         if self.optimizer is not None:  # an earlier train() call's: it holds that call's per-task parameters
@@ -973,7 +971,6 @@ class AlterTrainer(Seq2SeqTrainer):
                     prediction_loss_only=True,
                     metric_key_prefix="routing",
                 )
-                # a prediction pass, ended as `Trainer.predict` ends one (which closes the progress bar)
                 self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         finally:
             self._routing_collector = None

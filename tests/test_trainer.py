@@ -1,7 +1,6 @@
 """AlterTrainer and StageSwitchCallback: the switch, optimizers and schedules, losses, evaluation, routing report."""
 
 import json
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,14 @@ from training_utils import TRAIN_TASKS, snapshot, stage_sets, tiny_args, tiny_da
 
 from modeling_alter.callback import StageSwitchCallback
 from modeling_alter.data import MultiTaskDataCollator
+from modeling_alter.mta import task_parameter_of
 from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments
+
+
+def bank_name(name):
+    """A task's own adapter parameter (split during train()) named after its bank; any other name as it is."""
+    split = task_parameter_of(name)
+    return name if split is None else f"{name.rsplit('.task_parameters.', 1)[0]}.{split[0]}"
 
 
 class Recorder(TrainerCallback):
@@ -27,9 +33,7 @@ class Recorder(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         ids = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-        # a task's own adapter parameter (split during train()) is named after its bank
-        params = {re.sub(r"task_parameters\.(\w+)\.\d+$", r"\1", name)
-                  for name, p in trainer.alter_model.named_parameters() if id(p) in ids}
+        params = {bank_name(name) for name, p in trainer.alter_model.named_parameters() if id(p) in ids}
         self.steps.append(
             {
                 "step": state.global_step + 1,
