@@ -13,6 +13,10 @@ variants of one section run in interleaved rounds (the order rotates every round
 the rounds of (variant time / T5 time in that round). Beside it: the analytic FLOP ratio and, for generation, the
 weight-traffic ratio (bytes of weights read), the two limits a perfect implementation would meet.
 
+The decoder-only generation is also timed step by step (`stepwise_generation`): the models' forward passes of one
+greedy generation interleaved at every step, so that each ALTER step is compared with the plain model's step taken
+a fraction of a second apart rather than whole `generate` calls seconds apart ("paired step by step" rows).
+
 Timing on CPU is the process's CPU time with one intra-op thread (`--threads 1 --clock cpu`, the default): on a
 shared machine the wall clock mostly measures the other tenants. Peak memory is the peak resident set size of a
 fresh subprocess during one training step (after a warm-up step), minus the resident size before the model was
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import json
 import os
 import platform
@@ -488,6 +493,41 @@ def causal_traffic_ratio(config, name, batch=8, num_tasks=8, top_k=2):
     return (backbone + adapters) / backbone
 
 
+def stepwise_generation(models, ids, new_tokens, reps, clock, log=None):
+    """Greedy generation of `new_tokens` tokens by every model of `models` ({name: (model, forward kwargs)}), their
+    forward passes interleaved step by step: at each step every model runs its next forward (the prompt's, then one
+    per token, each with its own KV cache), in an order that rotates from step to step. Each model's step is so timed
+    next to the other models' same step, a fraction of a second apart, where whole `generate` calls are seconds
+    apart and a shared machine's speed drifts in between. Returns {name: [seconds per round]}, the sum of a round's
+    forwards (and argmax); one untimed round first."""
+    from transformers import DynamicCache
+
+    names = list(models)
+    times = {name: [] for name in names}
+    for rnd in range(reps + 1):
+        state = {}
+        for name, (model, _) in models.items():
+            cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            state[name] = (ids, torch.ones_like(ids), {cache_arg: DynamicCache(config=model.config)}, cache_arg)
+        total = dict.fromkeys(names, 0.0)
+        for step in range(new_tokens):
+            shift = (rnd + step) % len(names)
+            for name in names[shift:] + names[:shift]:
+                (model, extra), (tokens, mask, cache, cache_arg) = models[name], state[name]
+                start = clock()
+                out = model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache, **extra)
+                tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+                total[name] += clock() - start
+                state[name] = (tokens, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1),
+                               {cache_arg: out.past_key_values}, cache_arg)
+        if rnd:
+            for name in names:
+                times[name].append(total[name])
+            if log:
+                log(f"  round {rnd}/{reps}")
+    return times
+
+
 def causal_section(args, log):
     """Decoder-only rows: ALTER (`AlterForCausalLM`, MTA on every MLP) against the plain Llama of the same shape."""
     plain = make_causal_plain(args)
@@ -506,15 +546,19 @@ def causal_section(args, log):
     log(f"causal generate: {', '.join(fns)}")
     with torch.no_grad():
         times = interleaved(fns, args.reps, args.clock_fn, log=log)
+    log(f"causal generation, forwards paired step by step: {', '.join(models)}")
+    with torch.no_grad():
+        step_times = stepwise_generation(models, ids, args.new_tokens, args.reps, args.clock_fn, log=log)
     results = {}
     for name in fns:
         kind = "s1" if name.startswith("s1") else name
         flop = 1.0 if name == "plain" else causal_flop_ratio(plain.config, kind, prompt, args.new_tokens)
         traffic = 1.0 if name == "plain" else causal_traffic_ratio(plain.config, name)
-        results[f"causal_gen_{name}"] = dict(
-            ratio=paired_ratio(times, name, "plain"), spread=spread(times, name, "plain"), flop_ratio=flop,
-            traffic_ratio=traffic,
-            median_ms=1e3 * statistics.median(times[name]), rounds_ms=[1e3 * t for t in times[name]])
+        for key, measured in (("gen", times), ("steps", step_times)):
+            results[f"causal_{key}_{name}"] = dict(
+                ratio=paired_ratio(measured, name, "plain"), spread=spread(measured, name, "plain"), flop_ratio=flop,
+                traffic_ratio=traffic,
+                median_ms=1e3 * statistics.median(measured[name]), rounds_ms=[1e3 * t for t in measured[name]])
 
     labels = torch.randint(2, CAUSAL_SHAPE["vocab_size"], (8, args.train_src), generator=g).to(args.device)
     batch = dict(input_ids=labels, attention_mask=torch.ones_like(labels), labels=labels)
@@ -704,6 +748,11 @@ ROWS = [
     ("causal_gen_s1_mixed", "decoder-only generate greedy: stage 1, 8 tasks mixed", None),
     ("causal_gen_s2_dense", "decoder-only generate greedy: stage 2 dense, 8 tasks mixed", None),
     ("causal_gen_s2_topk", "decoder-only generate greedy: stage 2 top-2, 8 tasks mixed", "causal_gen_s2_topk"),
+    ("causal_steps_s1_one", "decoder-only greedy generation, forwards paired step by step: stage 1, one-task batch",
+     "causal_gen_s1"),
+    ("causal_steps_s1_mixed", "decoder-only, paired step by step: stage 1, 8 tasks mixed", None),
+    ("causal_steps_s2_dense", "decoder-only, paired step by step: stage 2 dense, 8 tasks mixed", None),
+    ("causal_steps_s2_topk", "decoder-only, paired step by step: stage 2 top-2, 8 tasks mixed", "causal_gen_s2_topk"),
     ("causal_train_s1", "decoder-only train step: stage 1 (backbone + task adapters) vs full fine-tuning", None),
     ("causal_train_s2_dense", "decoder-only train step: stage 2 dense (frozen backbone) vs full fine-tuning",
      "causal_train_s2"),

@@ -80,7 +80,8 @@ class OwnTasks(NamedTuple):
 
     embedding_rows: torch.Tensor  # [batch] row of `task_embedding`; num_tasks is the unknown task
     one_hot: torch.Tensor  # [batch, 1, num_adapters] fp32, the own task adapter (all zero for the unknown task)
-    known: torch.Tensor  # [batch, 1, 1] bool
+    mixed: torch.Tensor  # [batch, 1, num_adapters] bool: the weights that mix with the one-hot (task adapters of an
+    # example with a known task); the others are the gate's as is
 
     @classmethod
     def build(cls, task_ids, batch_size, num_tasks, num_adapters, device) -> "OwnTasks":
@@ -89,7 +90,13 @@ class OwnTasks(NamedTuple):
         known = task_ids < num_tasks
         own = task_ids.clamp(max=num_tasks - 1)[:, None]
         one_hot = torch.zeros(batch_size, num_adapters, device=device).scatter_(1, own, known[:, None].float())
-        return cls(task_ids, one_hot[:, None, :], known[:, None, None])
+        mixed = known[:, None] & (torch.arange(num_adapters, device=device) < num_tasks)
+        return cls(task_ids, one_hot[:, None, :], mixed[:, None, :])
+
+    def visible(self, n: int, num_tasks: int) -> "OwnTasks":
+        """The same with only the first `n` of the `num_tasks` task adapters' columns (and the shared ones)."""
+        return self._replace(**{name: torch.cat([value[..., :n], value[..., num_tasks:]], -1)
+                                for name, value in (("one_hot", self.one_hot), ("mixed", self.mixed))})
 
 
 class TaskRouting(NamedTuple):
@@ -338,7 +345,7 @@ class AlterMTA(nn.Module):
     def gate_weights(self, u: torch.Tensor, task_ids: torch.Tensor | None):
         """Stage-2 routing in fp32: returns the mixture weights `w` [batch, length, n] and the gate's softmax."""
         own = OwnTasks.build(task_ids, u.shape[0], self.num_tasks, self.num_adapters, u.device)
-        weights, probs, _ = self._gate(u, own, self._gate_parameters(None))
+        weights, probs, _ = self._gate(u, own, self._gate_parameters(None), need_probs=True)
         return weights, probs
 
     def _gate_parameters(self, visible_tasks: int | None) -> GateParameters:
@@ -356,51 +363,59 @@ class AlterMTA(nn.Module):
             router=torch.cat([full.router[:n], full.router[T:]]), embedding=torch.cat([emb[:, :n], emb[:, T:]], 1),
             num_tasks=n, top_k=None if self.top_k is None else min(self.top_k, n + self.shared_down.shape[0]))
 
-    def _gate(self, u, own: OwnTasks, p: GateParameters):
+    def _gate(self, u, own: OwnTasks, p: GateParameters, need_probs: bool):
         """Task adapters `w = (1 - m) * onehot(task) + m * gate` with `m = clamp(gate_mix, 0, 1)` (`m = 1` for the
-        unknown task), shared adapters `w = gate`; the softmax; and with top-k each token's top k indices."""
-        rows = p.embedding.float()[own.embedding_rows][:, None]
-        probs = (F.linear(u.float(), p.router.float()) + rows).softmax(-1)
-        gate, top_index = probs, None
+        unknown task), shared adapters `w = gate`; the softmax (None unless `need_probs`, or dense: it is the gate);
+        and with top-k each token's top k indices. Top-k renormalises the kept probabilities, computed as the softmax
+        of the k largest logits (the same function, fewer operations)."""
+        logits = F.linear(u.float(), p.router.float()) + p.embedding.float()[own.embedding_rows][:, None]
+        top_index = None
         if p.top_k is not None and p.top_k < p.num_adapters:
-            top_values, top_index = probs.topk(p.top_k, dim=-1)
-            gate = torch.zeros_like(probs).scatter(-1, top_index, top_values / top_values.sum(-1, keepdim=True))
+            top_logits, top_index = logits.topk(p.top_k, dim=-1)
+            gate = torch.zeros_like(logits).scatter(-1, top_index, top_logits.softmax(-1))
+            probs = logits.softmax(-1) if need_probs else None
+        else:
+            gate = probs = logits.softmax(-1)
         mix = self.gate_mix.float()
         trains_mix = mix.requires_grad and torch.is_grad_enabled()
-        mix = torch.where(own.known, _UnitClamp.apply(mix) if trains_mix else mix.clamp(0, 1), 1.0)
-        weights = torch.lerp(own.one_hot, gate, mix)
-        # Shared adapters take their gate weight whatever the mix: they start with a zero output, so the switch does
-        # not move the output, and they and the gate learn from the first stage-2 step.
-        weights = torch.cat([weights[..., : p.num_tasks], gate[..., p.num_tasks :]], -1)
-        return weights, probs, top_index
+        # Shared adapters (and the unknown task) take the gate weight whatever the mix: the shared ones start with a
+        # zero output, so the switch does not move the output, and they and the gate learn from the first step.
+        mix = torch.where(own.mixed, _UnitClamp.apply(mix) if trains_mix else mix.clamp(0, 1), 1.0)
+        return torch.lerp(own.one_hot, gate, mix), probs, top_index
 
     def _collaboration(self, u, routing, sublayer_out=None):
         own, p = routing.own_tasks, self._gate_parameters(routing.visible_tasks)
-        n, T = p.num_tasks, self.num_tasks
-        if n < T:
-            own = own._replace(one_hot=torch.cat([own.one_hot[..., :n], own.one_hot[..., T:]], -1))
-        weights, probs, top_index = self._gate(u, own, p)
+        if p.num_tasks < self.num_tasks:
+            own = own.visible(p.num_tasks, self.num_tasks)
+        weights, probs, top_index = self._gate(u, own, p, need_probs=self.training and torch.is_grad_enabled())
         training = torch.is_grad_enabled() and weights.requires_grad
         on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
-        support = None  # top-k: the adapters each token may weight whatever the values (its top k and its own task)
-        if top_index is not None and on_cpu:
-            support = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
         if not training and on_cpu and routing.task_groups is not None and float(self.gate_mix) <= 0.0:
             out = self._own_adapters(u, routing, sublayer_out)  # the task adapters' weights are exactly one-hot
             if p.shared_down.shape[0]:
                 shared = weights[..., p.num_tasks :].reshape(-1, p.shared_down.shape[0]).to(u.dtype)
                 out = self._weighted_bank(u.reshape(-1, u.shape[-1]), p.shared_down, p.shared_up, shared,
                                           out.reshape(-1, u.shape[-1]), p.shared_linear).view_as(u)
-        elif support is not None and self._sparse_pays(support, p):
-            out = self._sparse_mixture(u, weights, support, p)
-            out = out if sublayer_out is None else sublayer_out + out
         else:
-            out = self._dense_mixture(u, weights, p, sublayer_out)
+            support = self._support(weights, top_index, own, training) if top_index is not None and on_cpu else None
+            if support is not None and self._sparse_pays(support, p):
+                out = self._sparse_mixture(u, weights, support, p, sublayer_out)
+            else:
+                out = self._dense_mixture(u, weights, p, sublayer_out)
         stats = self._gate_stats(weights, probs, routing, p)
+        n, T = p.num_tasks, self.num_tasks
         if n < T and stats.weights is not None:  # the statistics name every adapter: the blocked ones weigh 0
             w = stats.weights
             stats = stats._replace(weights=torch.cat([w[..., :n], w.new_zeros(*w.shape[:-1], T - n), w[..., n:]], -1))
         return out, stats
+
+    @staticmethod
+    def _support(weights, top_index, own: OwnTasks, training: bool):
+        """`[..., n]` bool, the (token, adapter) pairs the sparse path computes: without gradients the pairs with a
+        weight; with them each token's top k and its own task whatever the values (a zero weight has a gradient)."""
+        if not training:
+            return weights.ne(0)
+        return torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, top_index, True) | (own.one_hot > 0)
 
     def _sparse_pays(self, support, p: GateParameters):
         """Whether computing only the pairs in `support` ([..., n] bool) saves more than it costs: it must skip half
@@ -425,6 +440,12 @@ class AlterMTA(nn.Module):
         """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d]; gated
         form: `linear` [n, d, r])."""
         n, d, r = down.shape
+        if n == 1:  # one shared adapter, say: plain GEMMs
+            hidden = self.act(x @ _in_dtype(down[0], x))
+            if linear is not None:
+                hidden = hidden * (x @ _in_dtype(linear[0], x))
+            hidden, up = hidden * w, _in_dtype(up[0], x)
+            return hidden @ up if out is None else torch.addmm(out, hidden, up)
         up = up.to(x.dtype).reshape(n * r, d)
         hidden = self._bank_hidden(x, down, n, d, r, activate=True)
         if linear is not None:
@@ -439,18 +460,19 @@ class AlterMTA(nn.Module):
             # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
             hidden = (x @ weights.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
         else:  # a batched GEMM reads the weights in place
-            hidden = torch.matmul(x, weights).transpose(0, 1)
+            hidden = torch.bmm(x.expand(n, *x.shape), weights).transpose(0, 1)
         return self.act(hidden) if activate else hidden
 
-    def _sparse_mixture(self, u, weights, support, p: GateParameters):
-        """Only the (token, adapter) pairs in `support`: pairs sorted by adapter, one GEMM per adapter used."""
+    def _sparse_mixture(self, u, weights, support, p: GateParameters, out=None):
+        """Only the (token, adapter) pairs in `support` (plus `out` if given): pairs sorted by adapter, one GEMM per
+        adapter used, each pair's result added into its token's row."""
         d, n, T = u.shape[-1], p.num_adapters, p.num_tasks
         x = u.reshape(-1, d)
         adapter, token = support.reshape(-1, n).t().nonzero().unbind(1)  # sorted by adapter, then token
         pair_weights = weights.reshape(-1, n)[token, adapter].to(u.dtype)[:, None]
         counts = torch.bincount(adapter, minlength=n)
         rows = x.index_select(0, token)
-        out = torch.zeros_like(x)
+        out = torch.zeros_like(x) if out is None else out.reshape(x.shape).clone()
         start = 0
         for down, up, linear, bank_counts in ((p.task_down, p.task_up, p.task_linear, counts[:T]),
                                               (p.shared_down, p.shared_up, p.shared_linear, counts[T:])):
