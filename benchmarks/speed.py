@@ -2,7 +2,7 @@
 decoder-only `AlterForCausalLM` against the plain Llama-shaped LM it was converted from (issue 12, section `causal`:
 a SmolLM2-135M shape, 30 layers; 8 of them with --quick).
 
-    python benchmarks/speed.py            # full run, < 25 min on a 2-core CPU
+    python benchmarks/speed.py            # full run, about 25 min on a 2-core CPU (causal section: 11)
     python benchmarks/speed.py --quick    # < 3 min: fewer tokens, repetitions and task counts
     python benchmarks/speed.py --device cuda   # the same on a GPU in bf16 (a separate column of the table)
     python benchmarks/speed.py --sections scaling --scaling-parts train --task-counts 32,128   # one table part
