@@ -3,7 +3,7 @@ decoder-only `AlterForCausalLM` against the plain Llama-shaped LM it was convert
 a SmolLM2-135M shape, 30 layers; 8 of them with --quick).
 
     python benchmarks/speed.py            # full run, about 25 min on a 2-core CPU (causal section: 11)
-    python benchmarks/speed.py --quick    # < 3 min: fewer tokens, repetitions and task counts
+    python benchmarks/speed.py --quick    # about 5 min: fewer tokens, repetitions and task counts
     python benchmarks/speed.py --device cuda   # the same on a GPU in bf16 (a separate column of the table)
     python benchmarks/speed.py --sections scaling --scaling-parts train --task-counts 32,128   # one table part
 
@@ -828,7 +828,7 @@ def markdown(runs):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="< 3 minutes: 8 new tokens, 3 rounds, T in {2, 32}")
+    parser.add_argument("--quick", action="store_true", help="about 5 minutes: 8 new tokens, 3 rounds, T in {2, 32}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1, see the docstring)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu on CPU, wall on CUDA")
