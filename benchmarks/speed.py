@@ -503,23 +503,24 @@ def stepwise_generation(models, ids, new_tokens, reps, clock, log=None):
     from transformers import DynamicCache
 
     names = list(models)
+    # the KV cache's argument name: `cache` in recent Transformers, `past_key_values` before
+    cache_arg = {name: "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                 for name, (model, _) in models.items()}
     times = {name: [] for name in names}
     for rnd in range(reps + 1):
-        state = {}
-        for name, (model, _) in models.items():
-            cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            state[name] = (ids, torch.ones_like(ids), {cache_arg: DynamicCache(config=model.config)}, cache_arg)
+        state = {name: (ids, torch.ones_like(ids), DynamicCache(config=model.config))
+                 for name, (model, _) in models.items()}
         total = dict.fromkeys(names, 0.0)
         for step in range(new_tokens):
             shift = (rnd + step) % len(names)
             for name in names[shift:] + names[:shift]:
-                (model, extra), (tokens, mask, cache, cache_arg) = models[name], state[name]
+                (model, extra), (tokens, mask, cache) = models[name], state[name]
                 start = clock()
-                out = model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache, **extra)
+                out = model(input_ids=tokens, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                            **{cache_arg[name]: cache}, **extra)
                 tokens = out.logits[:, -1].argmax(-1, keepdim=True)
                 total[name] += clock() - start
-                state[name] = (tokens, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1),
-                               {cache_arg: out.past_key_values}, cache_arg)
+                state[name] = (tokens, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), out.past_key_values)
         if rnd:
             for name in names:
                 times[name].append(total[name])

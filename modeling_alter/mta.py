@@ -385,8 +385,9 @@ class AlterMTA(nn.Module):
 
     def _collaboration(self, u, routing, sublayer_out=None):
         own, p = routing.own_tasks, self._gate_parameters(routing.visible_tasks)
-        if p.num_tasks < self.num_tasks:
-            own = own.visible(p.num_tasks, self.num_tasks)
+        n, T = p.num_tasks, self.num_tasks
+        if n < T:
+            own = own.visible(n, T)
         weights, probs, top_index = self._gate(u, own, p, need_probs=self.training and torch.is_grad_enabled())
         training = torch.is_grad_enabled() and weights.requires_grad
         on_cpu = u.device.type == "cpu"  # the branches below read values on the host, which stalls an accelerator
@@ -403,7 +404,6 @@ class AlterMTA(nn.Module):
             else:
                 out = self._dense_mixture(u, weights, p, sublayer_out)
         stats = self._gate_stats(weights, probs, routing, p)
-        n, T = p.num_tasks, self.num_tasks
         if n < T and stats.weights is not None:  # the statistics name every adapter: the blocked ones weigh 0
             w = stats.weights
             stats = stats._replace(weights=torch.cat([w[..., :n], w.new_zeros(*w.shape[:-1], T - n), w[..., n:]], -1))
@@ -440,12 +440,6 @@ class AlterMTA(nn.Module):
         """`out + sum_j w[:, j] * A_j(x)` over the adapters of one bank (`down` [n, d, r], `up` [n, r, d]; gated
         form: `linear` [n, d, r])."""
         n, d, r = down.shape
-        if n == 1:  # one shared adapter, say: plain GEMMs
-            hidden = self.act(x @ _in_dtype(down[0], x))
-            if linear is not None:
-                hidden = hidden * (x @ _in_dtype(linear[0], x))
-            hidden, up = hidden * w, _in_dtype(up[0], x)
-            return hidden @ up if out is None else torch.addmm(out, hidden, up)
         up = up.to(x.dtype).reshape(n * r, d)
         hidden = self._bank_hidden(x, down, n, d, r, activate=True)
         if linear is not None:
@@ -459,6 +453,8 @@ class AlterMTA(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
             # [d, n*r] weights (a copy) so that the backward is one GEMM, with no weight gradient when frozen
             hidden = (x @ weights.permute(1, 0, 2).reshape(d, n * r)).view(-1, n, r)
+        elif n == 1:  # one adapter (the shared one, say): a plain GEMM
+            hidden = torch.mm(x, weights[0]).view(-1, 1, r)
         else:  # a batched GEMM reads the weights in place
             hidden = torch.bmm(x.expand(n, *x.shape), weights).transpose(0, 1)
         return self.act(hidden) if activate else hidden
