@@ -1,0 +1,75 @@
+"""The SmolLM2 quality benchmark end to end on a tiny random Llama (with SmolLM2's tokenizer) and the committed
+real-data sample: every method runs, the table and files are written, LoRA's rank matches ALTER's task-adapter
+parameters, prefix routing equals routing by task ids, and `--resume` trains nothing twice."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import quality_smollm2  # noqa: E402
+from modeling_alter.packaged_models import packaged_model_path  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer, saved like a real checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _arguments(tiny_llama, output_dir):
+    return ["--model", str(tiny_llama), "--data_dir", str(FIXTURES), "--tasks", "sst2", "agnews", "--quick",
+            "--seeds", "0", "--adapter_dim", "8", "--output_dir", str(output_dir), "--work_dir",
+            str(output_dir / "work"), "--num_threads", "1"]
+
+
+def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path, monkeypatch):
+    record = quality_smollm2.main(_arguments(tiny_llama, tmp_path))
+    seed = record["per_seed"]["0"]
+    assert set(seed) == set(quality_smollm2.METHODS)
+    for method, result in seed.items():
+        assert set(result["scores"]) == {"sst2", "agnews", "mean"}, method
+        assert 0.0 <= result["overall"] <= 1.0
+    # Majority label: each task's most frequent training target, scored on eval.
+    assert seed["majority_label"]["trainable_parameters"] == 0
+    # LoRA's rank gives the parameters of ALTER's task adapters (2 tasks x 2 x hidden x r x layers), up to rounding.
+    alter_adapters = 2 * 2 * 32 * 8 * 2
+    assert seed["alter_frozen"]["trainable_parameters"] == alter_adapters
+    per_rank = 2 * sum(i + o for i, o in ((32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)))
+    assert seed["lora"]["lora_rank"] == round(alter_adapters / per_rank)
+    # Prefix routing infers exactly the task ids, so it scores the same as routing with them.
+    assert seed["alter_prefix"]["scores"] == seed["alter_two_stage"]["scores"]
+    assert seed["alter_two_stage"]["stage1_steps_trained"] == seed["alter_stage1"]["steps_trained"]
+    for method in quality_smollm2.TRAINED:
+        assert seed[method]["curve"] and seed[method]["tokens_per_second"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| ALTER two-stage |" in table and "alter_two_stage minus alter_stage1" in table
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "runs" / "seed0.json").read_text()).keys() == seed.keys()
+
+    monkeypatch.setattr(quality_smollm2, "train_to_plateau", lambda *a, **k: pytest.fail("trained again"))
+    again = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--resume"])
+    assert again["per_seed"]["0"]["full_ft"]["overall"] == seed["full_ft"]["overall"]
+    assert again["resumed_with"]
+
+
+def test_missing_data_folder_is_one_error_line(tiny_llama, tmp_path):
+    with pytest.raises(SystemExit, match="error: the task data folder .*nowhere does not exist"):
+        quality_smollm2.main(["--model", str(tiny_llama), "--data_dir", str(tmp_path / "nowhere"), "--quick"])
