@@ -128,6 +128,10 @@ def parse_arguments(argv=None):
     add("--num_threads", type=int, default=2, help="torch threads (1 is faster while other jobs share the CPU).")
     add("--resume", action="store_true", help="Keep the methods already in output_dir/runs/seed*.json.")
     add("--quick", action="store_true", help="A few minutes: 2 seeds, few rows and steps (pipeline check).")
+    add("--speed", action="store_true",
+        help="Only measure training tokens/s of every trained method in fp32 and bf16, side by side on the same "
+             "batches (--speed_steps timed steps after 2 warm-up steps), and write speed.md / speed.json.")
+    add("--speed_steps", type=int, default=6)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds if "--seeds" in (argv or sys.argv) else [0, 1]
@@ -620,6 +624,56 @@ def plot_curves(per_seed, path):
     plt.close(figure)
 
 
+def measure_speed(args, data):
+    """Training tokens/s (non-padding tokens of prompt and answer per second of forward + backward + optimizer step)
+    of every trained method in fp32 and in bf16, each on the same batches, a method's two precisions back to back."""
+    from transformers import set_seed
+
+    batches = [collate_train(rows, data.tokenizer.pad_token_id) for rows in data.train_batches(0, 0)[:2 + args.speed_steps]]
+    names = {"full_ft": "full_ft", "lora": "lora", "poly": "poly", "alter_stage1": "alter_stage1",
+             "alter_frozen": "alter_frozen", "alter_stage2": "alter_stage1"}
+    rows = {}
+    for label, name in names.items():
+        for precision in ("fp32", "bf16"):
+            run = argparse.Namespace(**{**vars(args), "precision": precision})
+            set_seed(0)
+            method = build_method(run, name, data.tasks, data.tokenizer,
+                                  torch.bfloat16 if precision == "bf16" else torch.float32)
+            if label == "alter_stage2":
+                method.module.set_stage(2)
+                trainable = [p for p in method.module.parameters() if p.requires_grad]
+                for parameter in trainable:
+                    parameter.data = parameter.data.float()
+                method = Method(method.module, method.lm, True, [{"params": trainable, "lr": args.stage2_lr}])
+            optimizer = torch.optim.AdamW(method.groups)
+            seconds, tokens = 0.0, 0
+            with head_only_at_answers(method) as head:
+                for index, batch in enumerate(batches):
+                    start = time.perf_counter()
+                    loss, n_tokens = answer_loss(method, head, batch, run)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if index >= 2:
+                        seconds, tokens = seconds + time.perf_counter() - start, tokens + n_tokens
+            rows.setdefault(label, {})[precision] = tokens / seconds
+            print(f"[speed] {label} {precision}: {tokens / seconds:.0f} tokens/s", flush=True)
+            del method, optimizer
+    lines = ["| method | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |", "|---|---:|---:|---:|"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | {row['fp32']:.0f} | {row['bf16']:.0f} | {row['bf16'] / row['fp32']:.2f} |")
+    command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:])
+    report = ("\n".join(lines) + f"\n\nTraining tokens/s (prompt + answer, non-padding) over {args.speed_steps} "
+              f"steps of batch {args.batch_size} after 2 warm-up steps, the same batches for every row; "
+              f"{args.num_threads} torch thread(s) on a 2-core x86 CPU with AMX bf16 units. Command: `{command}`.\n")
+    print(report)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "speed.md").write_text(report)
+    (output_dir / "speed.json").write_text(json.dumps(dict(command=command, tokens_per_second=rows), indent=1))
+    return rows
+
+
 def main(argv=None):
     args = parse_arguments(argv)
     torch.set_num_threads(args.num_threads)
@@ -629,6 +683,8 @@ def main(argv=None):
     args.work_dir = args.work_dir or str(cache_dir() / "runs" / output_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     data = TaskData(args, tokenizer)
+    if args.speed:
+        return measure_speed(args, data)
     start = time.perf_counter()
     per_seed = {}
     for seed in args.seeds:

@@ -73,3 +73,10 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
 def test_missing_data_folder_is_one_error_line(tiny_llama, tmp_path):
     with pytest.raises(SystemExit, match="error: the task data folder .*nowhere does not exist"):
         quality_smollm2.main(["--model", str(tiny_llama), "--data_dir", str(tmp_path / "nowhere"), "--quick"])
+
+
+def test_speed_mode_measures_every_trained_method_in_both_precisions(tiny_llama, tmp_path):
+    rows = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--speed", "--speed_steps", "1"])
+    assert set(rows) == {"full_ft", "lora", "poly", "alter_stage1", "alter_frozen", "alter_stage2"}
+    assert all(row["fp32"] > 0 and row["bf16"] > 0 for row in rows.values())
+    assert "| alter_stage2 |" in (tmp_path / "speed.md").read_text()
