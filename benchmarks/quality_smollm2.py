@@ -132,6 +132,9 @@ def parse_arguments(argv=None):
         help="Only measure training tokens/s of every trained method in fp32 and bf16, side by side on the same "
              "batches (--speed_steps timed steps after 2 warm-up steps), and write speed.md / speed.json.")
     add("--speed_steps", type=int, default=6)
+    add("--report", action="store_true",
+        help="Train nothing: write an interim results.md / results.json / curves.png from the methods already "
+             "finished in output_dir/runs/seed*.json (while the grid still runs).")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds if "--seeds" in (argv or sys.argv) else [0, 1]
@@ -688,7 +691,11 @@ def main(argv=None):
     start = time.perf_counter()
     per_seed = {}
     for seed in args.seeds:
-        results = SeedResults(output_dir / "runs" / f"seed{seed}.json", args.resume)
+        results = SeedResults(output_dir / "runs" / f"seed{seed}.json", args.resume or args.report)
+        if args.report:
+            if results:
+                per_seed[seed] = dict(results)
+            continue
         run_seed(args, seed, data, results)
         per_seed[seed] = dict(results)
         print(f"[smollm2] seed {seed} done", flush=True)
@@ -696,7 +703,13 @@ def main(argv=None):
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = output_dir / "results.json"
     resumed_with = []
-    if args.resume and previous.is_file():
+    if args.report:
+        if not per_seed:
+            raise SystemExit(f"error: no finished method in {output_dir}/runs/seed*.json to report.")
+        total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) + r.get("eval_seconds_final", 0)
+                    for results in per_seed.values() for r in results.values())
+        command = f"{command}  (interim report: seeds {list(per_seed)}, the methods finished so far)"
+    elif args.resume and previous.is_file():
         earlier = json.loads(previous.read_text())
         total += earlier["total_seconds"]
         resumed_with = [*earlier.get("resumed_with", []), command]

@@ -80,3 +80,14 @@ def test_speed_mode_measures_every_trained_method_in_both_precisions(tiny_llama,
     assert set(rows) == {"full_ft", "lora", "poly", "alter_stage1", "alter_frozen", "alter_stage2"}
     assert all(row["fp32"] > 0 and row["bf16"] > 0 for row in rows.values())
     assert "| alter_stage2 |" in (tmp_path / "speed.md").read_text()
+
+
+def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tmp_path, monkeypatch):
+    quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--methods", "majority_label", "full_ft"])
+    monkeypatch.setattr(quality_smollm2, "train_to_plateau", lambda *a, **k: pytest.fail("trained"))
+    record = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--report", "--seeds", "0", "1"])
+    assert list(record["per_seed"]) == ["0"] and set(record["per_seed"]["0"]) == {"majority_label", "full_ft"}
+    assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in (
+        tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no finished method"):
+        quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
