@@ -27,6 +27,8 @@ _LAZY = {
     "AlterTrainer": ".trainer",
     "AlterTrainingArguments": ".trainer",
     "StageSwitchCallback": ".callback",
+    "AlterStagesMixin": ".stages",
+    "TaskIdsCollator": ".data",
     "MultiTaskDataCollator": ".data",
     "build_eval_datasets": ".data",
     "build_multitask_dataset": ".data",
