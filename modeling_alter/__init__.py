@@ -29,6 +29,7 @@ _LAZY = {
     "StageSwitchCallback": ".callback",
     "AlterStagesMixin": ".stages",
     "TaskIdsCollator": ".data",
+    "chat_task_prefixes": ".data",
     "MultiTaskDataCollator": ".data",
     "build_eval_datasets": ".data",
     "build_multitask_dataset": ".data",

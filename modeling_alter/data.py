@@ -489,3 +489,36 @@ class TaskIdsCollator:
         batch = self.collator([{k: v for k, v in f.items() if k not in TASK_COLUMNS} for f in features])
         batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
+
+
+_PROBE = "\u2063ALTERPROBE"
+
+
+def chat_task_prefixes(tokenizer, prefixes: Mapping[str, str], system: str | None = None) -> dict[str, str]:
+    """Task prefixes for chat data: for each task, the text that `tokenizer.apply_chat_template` renders before a
+    conversation whose first user message starts with that task's prefix (optionally after a fixed `system` message),
+    for `model.set_task_prefixes(chat_task_prefixes(tok, {"sentiment": "sentiment: "}), tok)`.
+
+    A chat prompt starts with the template's own tokens (`<|im_start|>system ...`), not with the user's text, so the
+    plain prefix would never match; the rendered start does, for training data formatted by TRL and for prompts
+    rendered with `add_generation_prompt=True`, as long as every conversation of a task starts the same way (the same
+    system message, or none). A leading BOS that the template writes is left out (prefix matching skips it).
+
+    Raises `ValueError` if the tokenizer has no chat template or a prefix is not a non-empty string.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat_task_prefixes needs a tokenizer with a chat template (tokenizer.chat_template is None).")
+    rendered = {}
+    for name, prefix in prefixes.items():
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"The prefix of task {name!r} is {prefix!r}; expected a non-empty string.")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prefix + _PROBE}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        start = text.index(_PROBE)
+        head = text[:start]
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and head.startswith(bos):
+            head = head[len(bos):]
+        rendered[name] = head
+    return rendered

@@ -31,7 +31,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMS
 
 from .configuration_alter_causal import SUPPORTED_BACKBONES, AlterCausalConfig, backbone_field_names
 from .mta import AlterMTA, build_routing, init_mta_weights
-from .task_lifecycle import AlterTasksMixin
+from .task_lifecycle import AlterTasksMixin, cached_prefix_task_ids
 
 # Each family: its decoder layer (only its four sublayers are used), final norm and rotary embedding.
 BACKBONE_MODULES = {
@@ -200,7 +200,9 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
             load-balancing loss.
         task_ids (`torch.LongTensor` of shape `(batch_size,)`): each example's task (index into
             `config.task_names`). Required in stage 1; optional in stage 2, where `None` (or the value `num_tasks`)
-            routes from the hidden states alone.
+            routes from the hidden states alone. With `config.task_prefixes` set, `None` on a fresh prompt infers them
+            from the prompts' prefixes (a leading `config.bos_token_id` skipped). In stage 2 while training, each id
+            is replaced by the unknown task with probability `config.task_id_drop_rate`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -214,6 +216,14 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
         if _USES_CACHE_POSITION:
             kwargs.setdefault("cache_position", torch.arange(past, past + length, device=inputs_embeds.device))
+
+        if task_ids is None and input_ids is not None and self.config.task_prefixes and past == 0:
+            # a fresh prompt (later decoding steps see only new tokens: `generate` passes the inferred task_ids)
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            task_ids = cached_prefix_task_ids(self, self.config, input_ids, mask, self.config.bos_token_id)
+        if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:
+            drop = torch.rand(task_ids.shape, device=task_ids.device) < self.config.task_id_drop_rate
+            task_ids = task_ids.masked_fill(drop, self.config.num_tasks)
 
         token_mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -408,13 +418,8 @@ class AlterForCausalLM(AlterTasksMixin, AlterCausalPreTrainedModel, GenerationMi
             use_cache = False
         if task_ids is None:
             self._check_task_ids_reach_the_model()
-        if task_ids is None and input_ids is not None and self.config.task_prefixes:
-            if cache is None or cache.get_seq_length() == 0:  # later steps see only new tokens: pass task_ids
-                task_ids = self.infer_task_ids(input_ids, attention_mask if isinstance(attention_mask, torch.Tensor)
-                                               and attention_mask.dim() == 2 else None)
-        if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:
-            drop = torch.rand(task_ids.shape, device=task_ids.device) < self.config.task_id_drop_rate
-            task_ids = task_ids.masked_fill(drop, self.config.num_tasks)
+        # Prefix routing and stage 2's task-id dropout happen in `self.model` (AlterCausalModel), so that code that
+        # calls the backbone directly (TRL's SFTTrainer computes the loss from it) routes the same way.
 
         outputs = self.model(
             input_ids=input_ids,

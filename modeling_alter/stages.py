@@ -303,6 +303,38 @@ class AlterStagesMixin:
         self.stage_callback.report_switch()
         return result
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        """
+        The base trainer's `compute_loss`; when the model's `forward` was replaced by one that computes the loss from
+        the backbone (TRL's fused LM head: `SFTTrainer` calls `model.model` itself, bypassing the ALTER model's loss),
+        adds the router's load-balancing loss as the ALTER model adds it to its own loss: `router_aux_loss_coef *
+        aux_loss * (label tokens of the batch / num_items_in_batch)`.
+        """
+        alter = self.alter_model
+        coef = alter.config.router_aux_loss_coef
+        patched = "forward" in alter.__dict__ and not alter.config.is_encoder_decoder
+        if not (patched and model.training and coef > 0 and alter.config.stage == 2):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        recorded = []
+        handle = alter.base_model.register_forward_hook(
+            lambda module, args, output: recorded.append(getattr(output, "aux_loss", None)))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch, **kwargs)
+        finally:
+            handle.remove()
+        aux = next((a for a in reversed(recorded) if a is not None and a.requires_grad), None)
+        if aux is None:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        labels = inputs.get("labels")
+        weight = 1.0
+        if num_items_in_batch is not None and labels is not None:
+            weight = (labels[:, 1:] != -100).sum().to(aux.device) / num_items_in_batch
+        loss = loss + coef * aux.to(loss.device) * weight
+        return (loss, outputs) if return_outputs else loss
+
     # ---- optimizer, schedule and distributed wrapping ------------------------------------------------------------
 
     def create_accelerator_and_postprocess(self) -> None:

@@ -264,6 +264,17 @@ def prefix_task_ids(config, matcher: PrefixMatcher, input_ids, attention_mask=No
     return task_ids
 
 
+def cached_prefix_task_ids(owner: nn.Module, config, input_ids, attention_mask=None, skip_token_id=None) -> torch.Tensor:
+    """`prefix_task_ids` with a `PrefixMatcher` cached on `owner` (rebuilt when the task names or prefix ids change)."""
+    ids = config.task_prefix_ids or {}
+    key = (tuple(config.task_names), tuple((name, tuple(ids[name])) for name in sorted(ids)))
+    cached = owner.__dict__.get("_prefix_matcher")
+    if cached is None or cached[0] != key:
+        cached = (key, prefix_matcher_for(config))
+        owner.__dict__["_prefix_matcher"] = cached
+    return prefix_task_ids(config, cached[1], input_ids, attention_mask, skip_token_id)
+
+
 def prefix_matcher_for(config) -> PrefixMatcher:
     """A `PrefixMatcher` over `config.task_prefix_ids` (tasks in `config.task_names` order; [] for no prefix)."""
     if not config.task_prefix_ids:
@@ -592,12 +603,7 @@ class AlterTasksMixin:
         """Task ids [batch] from the inputs' prefixes (`config.task_prefix_ids`): each example's longest matching
         prefix, counted from its first attended token (after a leading BOS for decoder-only models). An unmatched
         example gets the unknown task (`num_tasks`) in stage 2 and raises `ValueError` in stage 1."""
-        ids = self.config.task_prefix_ids or {}
-        key = (tuple(self.config.task_names), tuple((name, tuple(ids[name])) for name in sorted(ids)))
-        cached = getattr(self, "_prefix_matcher", None)
-        if cached is None or cached[0] != key:
-            cached = self._prefix_matcher = (key, prefix_matcher_for(self.config))
-        return prefix_task_ids(self.config, cached[1], input_ids, attention_mask, self._prefix_skip_token_id())
+        return cached_prefix_task_ids(self, self.config, input_ids, attention_mask, self._prefix_skip_token_id())
 
     def generate(self, inputs=None, *args, **kwargs):
         """`GenerationMixin.generate`; with `task_ids` not given and `config.task_prefixes` set, each example's task
@@ -609,5 +615,6 @@ class AlterTasksMixin:
         return super().generate(inputs, *args, **kwargs)
 
 
-__all__ = ["AlterTasksMixin", "BLOCKED_GATE_LOGIT", "FrozenRows", "PrefixMatcher", "plan_task_changes", "prefix_matcher_for",
+__all__ = ["AlterTasksMixin", "BLOCKED_GATE_LOGIT", "FrozenRows", "PrefixMatcher", "cached_prefix_task_ids",
+           "plan_task_changes", "prefix_matcher_for",
            "prefix_task_ids", "remap_mta_tasks", "tokenize_prefix"]
