@@ -55,14 +55,15 @@ def test_lora_wrapped_forward_routes_like_the_unwrapped_model(kind, stage):
         assert not torch.allclose(without, wrapped)
 
 
-def test_lora_wrapped_generate_matches_the_unwrapped_model():
-    model = tiny_causal_alter("llama", stage=1)
-    peft_model = get_peft_model(model, LoraConfig(**CAUSAL_LORA))
+@pytest.mark.parametrize("kind", ["causal", "t5"])
+def test_lora_wrapped_generate_matches_the_unwrapped_model(kind):
+    model, batch, _, lora = family(kind, 1)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
     randomize_lora(peft_model)
     reference = copy.deepcopy(peft_model).merge_and_unload()
-    batch = left_padded_batch()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
     ids = torch.tensor([2, 1, 0, 2])
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(peft_model.generate(**batch, task_ids=ids, **kwargs),
                            reference.generate(**batch, task_ids=ids, **kwargs))
