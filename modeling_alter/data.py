@@ -431,3 +431,94 @@ class MultiTaskDataCollator:
         if all(has_task_ids):
             batch["task_ids"] = torch.tensor([int(feature["task_ids"]) for feature in features], dtype=torch.long)
         return batch
+
+
+TASK_COLUMNS = ("task_ids", "task")
+
+
+class TaskIdsCollator:
+    """Wraps any data collator so that each example's task reaches the model as `task_ids` (a LongTensor [batch]).
+
+    Each feature may carry `task_ids` (an int) or `task` (a task name of `task_names`), or neither; both columns are
+    taken out of the features before `collator` (e.g. TRL's `DataCollatorForLanguageModeling`, which builds the batch
+    from `input_ids`/`labels` only and would drop them) pads them, and `task_ids` is added to its batch. A batch whose
+    features carry no task column is the collator's batch unchanged (prefix routing: the model infers the tasks).
+    [`AlterStagesMixin`] wraps a trainer's collator with it.
+
+    Raises `ValueError` for a batch where some features carry a task and others do not, an unknown task name, an id
+    out of range, or a feature whose `task_ids` and `task` disagree.
+    """
+
+    def __init__(self, collator, task_names: Sequence[str]):
+        if not callable(collator):
+            raise ValueError(f"collator={collator!r} is not valid: expected a callable data collator.")
+        self.collator = collator
+        self.task_names = list(task_names)
+
+    def __getattr__(self, name):  # the wrapped collator's settings (e.g. TRL's `padding_free`) stay readable
+        if name in ("collator", "task_names"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def _task_id(self, feature: Mapping[str, Any], index: int) -> int | None:
+        task_id = feature.get("task_ids")
+        name = feature.get("task")
+        if name is not None:
+            from_name = _task_id(name, self.task_names)
+            if task_id is not None and int(task_id) != from_name:
+                raise ValueError(f"Feature {index} has task_ids={task_id} but task={name!r} (id {from_name}).")
+            task_id = from_name
+        if task_id is None:
+            return None
+        task_id = int(task_id)
+        if not 0 <= task_id < len(self.task_names):
+            raise ValueError(f"Feature {index} has task_ids={task_id}: expected 0..{len(self.task_names) - 1} for tasks "
+                             f"{self.task_names}.")
+        return task_id
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features or not isinstance(features[0], Mapping):
+            return self.collator(features)
+        ids = [self._task_id(feature, i) for i, feature in enumerate(features)]
+        if all(task_id is None for task_id in ids):
+            return self.collator([{k: v for k, v in f.items() if k not in TASK_COLUMNS} for f in features])
+        if any(task_id is None for task_id in ids):
+            missing = ids.index(None)
+            raise ValueError(f"Feature {missing} of the batch has no task (a 'task_ids' or 'task' column) while others "
+                             "do.")
+        batch = self.collator([{k: v for k, v in f.items() if k not in TASK_COLUMNS} for f in features])
+        batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+
+_PROBE = "\u2063ALTERPROBE"
+
+
+def chat_task_prefixes(tokenizer, prefixes: Mapping[str, str], system: str | None = None) -> dict[str, str]:
+    """Task prefixes for chat data: for each task, the text that `tokenizer.apply_chat_template` renders before a
+    conversation whose first user message starts with that task's prefix (optionally after a fixed `system` message),
+    for `model.set_task_prefixes(chat_task_prefixes(tok, {"sentiment": "sentiment: "}), tok)`.
+
+    A chat prompt starts with the template's own tokens (`<|im_start|>system ...`), not with the user's text, so the
+    plain prefix would never match; the rendered start does, for training data formatted by TRL and for prompts
+    rendered with `add_generation_prompt=True`, as long as every conversation of a task starts the same way (the same
+    system message, or none). A leading BOS that the template writes is left out (prefix matching skips it).
+
+    Raises `ValueError` if the tokenizer has no chat template or a prefix is not a non-empty string.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat_task_prefixes needs a tokenizer with a chat template (tokenizer.chat_template is None).")
+    rendered = {}
+    for name, prefix in prefixes.items():
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"The prefix of task {name!r} is {prefix!r}; expected a non-empty string.")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prefix + _PROBE}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        start = text.index(_PROBE)
+        head = text[:start]
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and head.startswith(bos):
+            head = head[len(bos):]
+        rendered[name] = head
+    return rendered

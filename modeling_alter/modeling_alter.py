@@ -2,8 +2,9 @@
 
 Every sublayer in `config.mta_placement` adds its MTA module's output to its own, both reading the same normalised
 input. Routing reaches every module through an explicit `TaskRouting` argument built once per forward of each stack;
-no module keeps routing state between calls. This file imports only torch, transformers, `configuration_alter` and
-`mta`.
+no module keeps routing state between calls. Task and stage methods, add/keep tasks and prefix routing come from
+`task_lifecycle.AlterTasksMixin`. This file imports only torch, transformers, `configuration_alter`, `mta` and
+`task_lifecycle`.
 """
 
 import copy
@@ -24,7 +25,8 @@ from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActD
 from transformers.utils import logging as hf_logging
 
 from .configuration_alter import AlterConfig
-from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
+from .mta import AlterMTA, build_routing, init_mta_weights
+from .task_lifecycle import AlterTasksMixin
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -577,6 +579,8 @@ class AlterForConditionalGeneration(AlterTasksMixin, AlterPreTrainedModel, Gener
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
             use_cache = False
+        if task_ids is None:
+            self._check_task_ids_reach_the_model()
         if encoder_outputs is None and task_ids is None and input_ids is not None and self.config.task_prefixes:
             task_ids = self.infer_task_ids(input_ids, attention_mask)
         if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:

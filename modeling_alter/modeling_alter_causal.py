@@ -7,8 +7,8 @@ names are those of `LlamaForCausalLM` / `Qwen2ForCausalLM` / ... and a converted
 writes only the layer's residual wiring (the Llama pre-norm layout), where the MTA outputs are added. Routing reaches
 every MTA module through an explicit `TaskRouting` argument built once per forward; no module keeps routing state
 between calls. With `config.task_prefixes` set, `forward` and `generate` infer each example's task from its prompt's
-prefix (`mta.AlterTasksMixin`, shared with the T5 family). This file imports only torch, transformers,
-`configuration_alter_causal` and `mta`.
+prefix (`task_lifecycle.AlterTasksMixin`, shared with the T5 family). This file imports only torch, transformers,
+`configuration_alter_causal`, `mta` and `task_lifecycle`.
 """
 
 import copy
@@ -30,7 +30,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .configuration_alter_causal import SUPPORTED_BACKBONES, AlterCausalConfig, backbone_field_names
-from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
+from .mta import AlterMTA, build_routing, init_mta_weights
+from .task_lifecycle import AlterTasksMixin, cached_prefix_task_ids
 
 # Each family: its decoder layer (only its four sublayers are used), final norm and rotary embedding.
 BACKBONE_MODULES = {
@@ -199,7 +200,9 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
             load-balancing loss.
         task_ids (`torch.LongTensor` of shape `(batch_size,)`): each example's task (index into
             `config.task_names`). Required in stage 1; optional in stage 2, where `None` (or the value `num_tasks`)
-            routes from the hidden states alone.
+            routes from the hidden states alone. With `config.task_prefixes` set, `None` on a fresh prompt infers them
+            from the prompts' prefixes (a leading `config.bos_token_id` skipped). In stage 2 while training, each id
+            is replaced by the unknown task with probability `config.task_id_drop_rate`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -213,6 +216,14 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past)[None]
         if _USES_CACHE_POSITION:
             kwargs.setdefault("cache_position", torch.arange(past, past + length, device=inputs_embeds.device))
+
+        if task_ids is None and input_ids is not None and self.config.task_prefixes and past == 0:
+            # a fresh prompt (later decoding steps see only new tokens: `generate` passes the inferred task_ids)
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            task_ids = cached_prefix_task_ids(self, self.config, input_ids, mask, self.config.bos_token_id)
+        if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:
+            drop = torch.rand(task_ids.shape, device=task_ids.device) < self.config.task_id_drop_rate
+            task_ids = task_ids.masked_fill(drop, self.config.num_tasks)
 
         token_mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -261,7 +272,8 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         return AlterCausalModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
+            # as the backbone's own model: no entry for a layer whose attention returns no weights (sdpa, flash)
+            attentions=tuple(a for a in all_attentions if a is not None) if output_attentions else None,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             routing_weights=torch.stack([s.weights for s in all_stats], 1) if output_routing_weights else None,
             routing_entropy=torch.stack([s.entropy for s in all_stats], 1) if output_routing_weights else None,
@@ -404,13 +416,10 @@ class AlterForCausalLM(AlterTasksMixin, AlterCausalPreTrainedModel, GenerationMi
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
             use_cache = False
-        if task_ids is None and input_ids is not None and self.config.task_prefixes:
-            if cache is None or cache.get_seq_length() == 0:  # later steps see only new tokens: pass task_ids
-                task_ids = self.infer_task_ids(input_ids, attention_mask if isinstance(attention_mask, torch.Tensor)
-                                               and attention_mask.dim() == 2 else None)
-        if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:
-            drop = torch.rand(task_ids.shape, device=task_ids.device) < self.config.task_id_drop_rate
-            task_ids = task_ids.masked_fill(drop, self.config.num_tasks)
+        if task_ids is None:
+            self._check_task_ids_reach_the_model()
+        # Prefix routing and stage 2's task-id dropout happen in `self.model` (AlterCausalModel), so that code that
+        # calls the backbone directly (TRL's SFTTrainer computes the loss from it) routes the same way.
 
         outputs = self.model(
             input_ids=input_ids,

@@ -1,0 +1,143 @@
+"""PEFT (LoRA) around an ALTER model routes by task ids as the unwrapped model does: forward, generate and training
+(AlterTrainer, TRL's SFTTrainer with `peft_config`), for both families; where PEFT drops the ids, a clear error."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from causal_utils import TASKS as CAUSAL_TASKS
+from causal_utils import left_padded_batch, tiny_causal_alter, tiny_causal_lm
+from conftest import random_batch, tiny_alter
+from training_utils import snapshot, tiny_args, tiny_data, tiny_model, tokenizer
+from modeling_alter.trainer import AlterTrainer
+
+CAUSAL_LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+T5_LORA = dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v"])
+
+
+def randomize_lora(model, seed=5):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+
+
+def family(kind, stage):
+    if kind == "causal":
+        model, batch, ids = tiny_causal_alter("llama", stage=stage), left_padded_batch(), torch.tensor([0, 1, 2, 0])
+        return model, batch, ids, CAUSAL_LORA
+    model = tiny_alter()
+    model.set_stage(stage)
+    return model, random_batch(), torch.tensor([0, 1, 2, 1]), T5_LORA
+
+
+@pytest.mark.parametrize("kind", ["causal", "t5"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lora_wrapped_forward_routes_like_the_unwrapped_model(kind, stage):
+    model, batch, ids, lora = family(kind, stage)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    randomize_lora(peft_model)
+    reference = copy.deepcopy(peft_model).merge_and_unload()  # the same weights, as a plain ALTER model
+    with pytest.raises(ValueError, match="wrapped by PEFT.*route_task_ids_through"):
+        peft_model(**batch, task_ids=ids)  # PEFT's forward dropped them
+    model.route_task_ids_through(peft_model)
+    with torch.no_grad():
+        wrapped = peft_model(**batch, task_ids=ids).logits
+        expected = reference(**batch, task_ids=ids).logits
+    torch.testing.assert_close(wrapped, expected, rtol=1e-5, atol=1e-5)
+    if stage == 2:  # the ids matter: routing without them differs
+        with torch.no_grad():
+            without = peft_model(**batch).logits
+        torch.testing.assert_close(without, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(without, wrapped)
+
+
+@pytest.mark.parametrize("kind", ["causal", "t5"])
+def test_lora_wrapped_generate_matches_the_unwrapped_model(kind):
+    model, batch, _, lora = family(kind, 1)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    randomize_lora(peft_model)
+    reference = copy.deepcopy(peft_model).merge_and_unload()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    ids = torch.tensor([2, 1, 0, 2])
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(peft_model.generate(**batch, task_ids=ids, **kwargs),
+                           reference.generate(**batch, task_ids=ids, **kwargs))
+
+
+def test_peft_without_task_type_passes_task_ids_on():
+    model, batch, ids, lora = family("causal", 1)
+    peft_model = get_peft_model(model, LoraConfig(**{k: v for k, v in lora.items() if k != "task_type"}))
+    reference = copy.deepcopy(peft_model).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch, task_ids=ids).logits, reference(**batch, task_ids=ids).logits)
+
+
+def test_lora_inside_an_mta_module_is_refused():
+    model = tiny_causal_alter("llama", stage=1)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="PEFT put an adapter on .*mta.*target only the backbone"):
+        model.set_stage(1)
+    assert peft_model is not None
+
+
+def test_alter_trainer_trains_a_lora_wrapped_t5_in_two_stages(tmp_path):
+    """Stage 1 trains LoRA and the task adapters (the backbone's own weights stay frozen); stage 2 trains the
+    gate side only."""
+    train_set, _ = tiny_data()
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(**T5_LORA))
+    stage1, stage2 = model.trainable_parameter_names(1), model.trainable_parameter_names(2)
+    assert any("lora_" in n for n in stage1) and not any("base_layer" in n or n.startswith("shared") for n in stage1)
+    before = snapshot(model)
+    trainer = AlterTrainer(model=peft_model, args=tiny_args(tmp_path), train_dataset=train_set,
+                           processing_class=tokenizer())
+    trainer.train()
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert model.config.stage == 2 and changed <= stage1 | stage2
+    assert any("lora_" in n for n in changed) and changed & stage2
+    assert not any("base_layer" in n for n in changed)
+
+
+def test_sft_trainer_with_peft_config_trains_both_stages(tmp_path):
+    from datasets import Dataset
+    from transformers import ByT5Tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from modeling_alter import AlterForCausalLM, AlterStagesMixin, StageSwitchCallback
+
+    class AlterSFTTrainer(AlterStagesMixin, SFTTrainer):
+        pass
+
+    model = AlterForCausalLM.from_causal_lm(tiny_causal_lm("llama"), task_names=CAUSAL_TASKS, adapter_dim=8,
+                                            num_shared_adapters=1)
+    data = Dataset.from_dict({"prompt": ["sentiment: good", "topic: ball", "reverse: abc", "sentiment: bad"] * 4,
+                              "completion": [" pos", " sport", " cba", " neg"] * 4, "task_ids": [0, 1, 2, 0] * 4})
+    before = snapshot(model)
+    trainer = AlterSFTTrainer(
+        model=model, args=SFTConfig(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                                    report_to=[], use_cpu=True, save_strategy="no", dataset_num_proc=None),
+        train_dataset=data, processing_class=ByT5Tokenizer(), peft_config=LoraConfig(**CAUSAL_LORA),
+        callbacks=[StageSwitchCallback(stage1_steps=2, stage2_learning_rate=1e-3)])
+    trainer.train()
+    after = snapshot(model)  # LoRA wrapped q_proj/v_proj: their weights are now `...base_layer.weight`
+    changed = {n for n, p in after.items() if "lora_" not in n and not torch.equal(before[n.replace(".base_layer", "")], p)}
+    assert model.config.stage == 2
+    assert not any("base_layer" in n for n in changed)  # the backbone is frozen under LoRA
+    assert changed and changed <= model.trainable_parameter_names(1) | model.trainable_parameter_names(2)
+    assert any(float(p.abs().sum()) > 0 for n, p in after.items() if "lora_B" in n)  # LoRA trained (B starts at 0)
+
+
+def test_sdpa_output_attentions_matches_the_plain_model():
+    plain = tiny_causal_lm("llama", attn_implementation="sdpa")
+    model = tiny_causal_alter("llama", stage=1)
+    batch = left_padded_batch()
+    with torch.no_grad():
+        expected = plain(**batch, output_attentions=True).attentions
+        got = model(**batch, task_ids=torch.tensor([0, 1, 2, 0]), output_attentions=True).attentions
+    assert got == expected == ()
