@@ -103,8 +103,9 @@ def page_environment(folder):
     """The folder a new user's clone would give a page's commands: .venv/bin with python and alter-hub."""
     bin_dir = folder / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "python").symlink_to(sys.executable)
-    (bin_dir / "python3").symlink_to(sys.executable)
+    for name in ("python", "python3"):  # a script, not a link: a linked venv interpreter would lose its packages
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     (bin_dir / "alter-hub").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hub_upload "$@"\n')
     (bin_dir / "alter-hub").chmod(0o755)
     for name in ("examples", "benchmarks", "tests"):
