@@ -144,7 +144,7 @@ def check_structure(folder, files) -> tuple[list[str], dict | None]:
                     f"config.json: auto_map[{auto_class!r}] names {module_file}, which is not in the folder"
                 )
         for name in sorted(n for n in present if n.endswith(".py")):
-            problems += _check_code_imports(folder / name, name)
+            problems += _check_code_imports(folder / name, name, present)
     problems += _check_weights(folder, present)
     return problems, config
 
@@ -161,8 +161,9 @@ def _read_json(folder, name, problems):
     return data
 
 
-def _check_code_imports(path, name):
-    """A code file may import only the standard library, torch, transformers and (relatively) its siblings."""
+def _check_code_imports(path, name, present=None):
+    """A code file may import only the standard library, torch, transformers and (relatively) its siblings, which
+    must be in the folder (`present`: the folder's file names; None skips that check)."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=name)
     except SyntaxError as error:
@@ -173,6 +174,11 @@ def _check_code_imports(path, name):
             modules = [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:
             modules = [(node.module or "", node.lineno)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and present is not None:
+            sibling = node.module.replace(".", "/") + ".py"
+            if sibling not in present:
+                problems.append(f"{name}:{node.lineno}: imports .{node.module}, but {sibling} is not in the folder")
+            continue
         else:
             continue
         for module, line in modules:

@@ -24,10 +24,11 @@ class Family:
 
 FAMILIES = {
     "alter": Family("alter", "AlterForConditionalGeneration", "AutoModelForSeq2SeqLM",
-                    ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"), "text2text-generation"),
+                    ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "task_lifecycle.py"),
+                    "text2text-generation"),
     "alter_causal": Family("alter_causal", "AlterForCausalLM", "AutoModelForCausalLM",
                            ("configuration_alter_causal.py", "configuration_mta.py", "modeling_alter_causal.py",
-                            "mta.py"), "text-generation"),
+                            "mta.py", "task_lifecycle.py"), "text-generation"),
 }
 
 

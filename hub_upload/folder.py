@@ -1,8 +1,9 @@
 """`prepare`: builds the folder that goes to the Hub from a training run's output directory (or a model in memory).
 
 The folder holds exactly: `config.json` (with `auto_map`), the family's code files (`configuration_alter.py`,
-`configuration_mta.py`, `modeling_alter.py`, `mta.py` for T5; `configuration_alter_causal.py`, `configuration_mta.py`, `modeling_alter_causal.py`,
-`mta.py` for decoder-only models, see `families.py`),
+`configuration_mta.py`, `modeling_alter.py`, `mta.py`, `task_lifecycle.py` for T5; `configuration_alter_causal.py`,
+`configuration_mta.py`, `modeling_alter_causal.py`, `mta.py`, `task_lifecycle.py` for decoder-only models, see
+`families.py`),
 `model.safetensors` (or shards and their index, see `max_shard_size`), `generation_config.json`, the tokenizer files,
 `README.md` (the model card) and `routing_heatmap.png` when the run saved a routing picture. The model is loaded and
 saved again with `save_pretrained` rather than copied, so checkpoints, optimizer states, `training_args.bin` and

@@ -173,16 +173,13 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
         value; a setting given on both sides with different values raises a `ValueError` naming both. Arguments
         without stage settings (a plain `Seq2SeqTrainingArguments`) change nothing.
         """
-        from .trainer import AlterTrainingArguments  # the field defaults; imported here to avoid an import cycle
-
-        arg_defaults = {f.name: f.default for f in AlterTrainingArguments.__dataclass_fields__.values()}
         for arg_name, attribute in self.SETTINGS:
             if not hasattr(args, arg_name):
                 continue
             value = getattr(args, arg_name)
             if arg_name == "stage2_lr_scheduler_type" and value is not None:
                 value = SchedulerType(value).value
-            if value == arg_defaults[arg_name]:
+            if value == self.DEFAULTS[attribute]:  # the AlterTrainingArguments field's default (a test checks)
                 continue
             mine = getattr(self, attribute)
             if mine != self.DEFAULTS[attribute] and mine != value:

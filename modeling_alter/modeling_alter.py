@@ -2,8 +2,9 @@
 
 Every sublayer in `config.mta_placement` adds its MTA module's output to its own, both reading the same normalised
 input. Routing reaches every module through an explicit `TaskRouting` argument built once per forward of each stack;
-no module keeps routing state between calls. This file imports only torch, transformers, `configuration_alter` and
-`mta`.
+no module keeps routing state between calls. Task and stage methods, add/keep tasks and prefix routing come from
+`task_lifecycle.AlterTasksMixin`. This file imports only torch, transformers, `configuration_alter`, `mta` and
+`task_lifecycle`.
 """
 
 import copy
@@ -24,7 +25,8 @@ from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActD
 from transformers.utils import logging as hf_logging
 
 from .configuration_alter import AlterConfig
-from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
+from .mta import AlterMTA, build_routing, init_mta_weights
+from .task_lifecycle import AlterTasksMixin
 
 try:  # Transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init

@@ -7,8 +7,8 @@ names are those of `LlamaForCausalLM` / `Qwen2ForCausalLM` / ... and a converted
 writes only the layer's residual wiring (the Llama pre-norm layout), where the MTA outputs are added. Routing reaches
 every MTA module through an explicit `TaskRouting` argument built once per forward; no module keeps routing state
 between calls. With `config.task_prefixes` set, `forward` and `generate` infer each example's task from its prompt's
-prefix (`mta.AlterTasksMixin`, shared with the T5 family). This file imports only torch, transformers,
-`configuration_alter_causal` and `mta`.
+prefix (`task_lifecycle.AlterTasksMixin`, shared with the T5 family). This file imports only torch, transformers,
+`configuration_alter_causal`, `mta` and `task_lifecycle`.
 """
 
 import copy
@@ -30,7 +30,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .configuration_alter_causal import SUPPORTED_BACKBONES, AlterCausalConfig, backbone_field_names
-from .mta import AlterMTA, AlterTasksMixin, build_routing, init_mta_weights
+from .mta import AlterMTA, build_routing, init_mta_weights
+from .task_lifecycle import AlterTasksMixin
 
 # Each family: its decoder layer (only its four sublayers are used), final norm and rotary embedding.
 BACKBONE_MODULES = {

@@ -10,7 +10,8 @@ from transformers import ByT5Tokenizer, pipeline
 from causal_utils import TASKS, tiny_causal_alter
 from hub_upload.isolated_load import PROMPT
 
-CODE_FILES = {"configuration_alter_causal.py", "configuration_mta.py", "modeling_alter_causal.py", "mta.py"}
+CODE_FILES = {"configuration_alter_causal.py", "configuration_mta.py", "modeling_alter_causal.py", "mta.py",
+              "task_lifecycle.py"}
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def test_pipeline_routes_by_prompt_prefix_with_no_kwargs(kind, tmp_path):
 
 
 def test_causal_model_adds_and_keeps_tasks_like_t5():
-    """The task lifecycle (`mta.AlterTasksMixin`) is shared: adding a task leaves every old task's logits
+    """The task lifecycle (`task_lifecycle.AlterTasksMixin`) is shared: adding a task leaves every old task's logits
     bit-identical in both stages, training only the new task touches only its adapters, and keep_tasks keeps a task's
     outputs."""
     model = tiny_causal_alter(stage=1)

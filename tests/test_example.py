@@ -37,7 +37,8 @@ def finish(process):
 def check_model_folder(folder, tasks):
     names = {path.name for path in folder.iterdir()}
     for required in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
-                     "configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "eval_results.json", "routing_heatmap.png",
+                     "configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "task_lifecycle.py",
+                     "eval_results.json", "routing_heatmap.png",
                      "routing_stats.json", "training_args.json"):
         assert required in names, f"{required} missing from {sorted(names)}"
     assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl"))], sorted(names)

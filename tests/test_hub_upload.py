@@ -56,6 +56,7 @@ EXPECTED_FILES = {
     "modeling_alter.py",
     "mta.py",
     "routing_heatmap.png",
+    "task_lifecycle.py",
     "tokenizer_config.json",
 }
 
@@ -157,7 +158,7 @@ def test_prepare_writes_exactly_the_hub_files(prepared):
         "AutoModelForSeq2SeqLM": "modeling_alter.AlterForConditionalGeneration",
     }
     assert config["task_names"] == TASKS and config["stage"] == 2
-    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "task_lifecycle.py"):
         assert (prepared.path / name).read_bytes() == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     assert (prepared.path / "routing_heatmap.png").read_bytes() == tiny_png()
     assert prepared.results.sources == ["all_results.json"]
@@ -373,6 +374,18 @@ def test_check_refuses_code_that_needs_the_project_or_other_packages(folder_copy
     problems = check_structure(folder_copy, scan_folder(folder_copy))[0]
     assert any(p.startswith("modeling_alter.py:1: imports 'modeling_alter'") for p in problems)
     assert any(p.startswith("modeling_alter.py:2: imports 'numpy'") for p in problems)
+
+
+def test_check_names_a_missing_sibling_code_file(folder_copy):
+    """A folder without `task_lifecycle.py` (which `modeling_alter.py` imports) fails the structure check with the
+    file's name; a folder published before that file existed carries the mixin in its own `mta.py` and passes."""
+    (folder_copy / "task_lifecycle.py").unlink()
+    problems = check_structure(folder_copy, scan_folder(folder_copy))[0]
+    assert any(p.startswith("modeling_alter.py:") and "task_lifecycle.py is not in the folder" in p for p in problems)
+    published = Path(__file__).parent / "fixtures" / "hub_code_before_task_lifecycle"
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
+        shutil.copyfile(published / name, folder_copy / name)
+    assert check_structure(folder_copy, scan_folder(folder_copy))[0] == []
 
 
 def test_isolated_load_blocks_the_project_but_not_the_folder_code():
@@ -659,7 +672,7 @@ def test_push_model_pushes_model_tokenizer_and_card_in_one_commit(monkeypatch):
     shards = [name for name in files if name.startswith("model-0")]
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
     assert {"README.md", "config.json", "configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py",
-            "tokenizer_config.json"} <= set(
+            "task_lifecycle.py", "tokenizer_config.json"} <= set(
         files
     )
     assert b"| 0 | `copy` | exact_match | 0.5000 | 0.8000 |" in files["README.md"]
@@ -668,7 +681,7 @@ def test_push_model_pushes_model_tokenizer_and_card_in_one_commit(monkeypatch):
 
 def test_model_push_to_hub_uploads_the_code_files(monkeypatch):
     """The known pitfall: `model.push_to_hub` must carry the code files (configuration_alter.py and the sibling
-    configuration_mta.py it imports, modeling_alter.py, mta.py) along."""
+    configuration_mta.py it imports, modeling_alter.py, mta.py, task_lifecycle.py) along."""
     recorder = HubRecorder(monkeypatch)
     monkeypatch.setattr(
         "transformers.utils.hub.create_and_tag_model_card",
@@ -677,7 +690,7 @@ def test_model_push_to_hub_uploads_the_code_files(monkeypatch):
     tiny_model().push_to_hub(REPO_ID, private=True, commit_message="Upload model", token=FAKE_TOKEN)
     assert recorder.names() == ["create_repo", "create_commit"]
     files = recorder.calls[1][2]
-    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "task_lifecycle.py"):
         assert files[name] == (PROJECT_ROOT / "modeling_alter" / name).read_bytes()
     auto_map = json.loads(files["config.json"])["auto_map"]
     assert auto_map["AutoModelForSeq2SeqLM"] == "modeling_alter.AlterForConditionalGeneration"

@@ -6,7 +6,7 @@ from training_utils import TRAIN_TASKS, tiny_model, tokenizer
 
 from modeling_alter import AlterConfig, AlterForConditionalGeneration
 from modeling_alter.data import build_eval_datasets
-from modeling_alter.mta import PrefixMatcher, tokenize_prefix
+from modeling_alter.task_lifecycle import PrefixMatcher, tokenize_prefix
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

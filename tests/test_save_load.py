@@ -16,7 +16,7 @@ import modeling_alter
 from conftest import random_batch, tiny_alter
 from modeling_alter import AlterForConditionalGeneration
 
-HUB_FILES = ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py")
+HUB_FILES = ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py", "task_lifecycle.py")
 
 
 def test_save_writes_the_hub_layout(tmp_path):
@@ -41,7 +41,7 @@ def test_hub_files_import_only_torch_transformers_and_each_other(name):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." + (node.module or "") if node.level else node.module.split(".")[0])
-    allowed = {"torch", "transformers", ".configuration_alter", ".configuration_mta", ".mta", "copy", "math", "os", "shutil", "tempfile",
+    allowed = {"torch", "transformers", ".configuration_alter", ".configuration_mta", ".mta", ".task_lifecycle", "copy", "math", "os", "shutil", "tempfile",
                "dataclasses", "typing"}
     assert imported <= allowed, imported - allowed
 
@@ -154,3 +154,33 @@ def test_from_pretrained_with_loading_info_keeps_the_stage(tmp_path):
     loaded, info = AlterForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == set() or not info["missing_keys"]
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == model.trainable_parameter_names(2)
+
+
+PUBLISHED_CODE = Path(__file__).parent / "fixtures" / "hub_code_before_task_lifecycle"
+
+
+def test_a_folder_published_before_task_lifecycle_py_still_loads(tmp_path):
+    """Folders carry their own code: one published when `mta.py` still held `AlterTasksMixin` (four code files, no
+    `task_lifecycle.py`) loads in a clean process and computes what this release computes from the same weights."""
+    model = tiny_alter()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    (folder / "task_lifecycle.py").unlink()
+    for name in ("configuration_alter.py", "configuration_mta.py", "modeling_alter.py", "mta.py"):
+        (folder / name).write_bytes((PUBLISHED_CODE / name).read_bytes())
+    assert "class AlterTasksMixin" in (folder / "mta.py").read_text()
+    batch = random_batch()
+    torch.save(batch, tmp_path / "batch.pt")
+    script = tmp_path / "load.py"
+    script.write_text(CLEAN_LOAD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(folder), str(tmp_path / "out.pt"), str(tmp_path / "batch.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        expected = model(**batch, task_ids=model.task_ids(["reverse", "topic", "sentiment", "topic"])).logits
+    torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)

@@ -9,7 +9,7 @@ from training_utils import TRAIN_TASKS, tiny_args, tiny_model, tokenizer
 
 from modeling_alter import AlterConfig, AlterForConditionalGeneration
 from modeling_alter.data import build_multitask_dataset
-from modeling_alter.mta import BLOCKED_GATE_LOGIT
+from modeling_alter.task_lifecycle import BLOCKED_GATE_LOGIT
 from modeling_alter.synthetic_tasks import make_synthetic_tasks
 from modeling_alter.trainer import AlterTrainer
 
