@@ -36,6 +36,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint, speed_metrics
 
 from .callback import StageSwitchCallback, validate_stage_arguments
+from .console import install_console
 from .metrics import METRICS, compute_metric
 from .routing_report import ROUTING_HEATMAP_NAME, ROUTING_STATS_NAME, RoutingStatistics, mta_module_labels
 
@@ -323,6 +324,8 @@ class AlterTrainer(Seq2SeqTrainer):
         # Seq2SeqTrainer does not forward it; Trainer.create_optimizer reads it for both stages.
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.stage_callback.bind(self)
+        # Progress bars, step lines, per-task tables and a summary line instead of Transformers' metric dicts.
+        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in model.config.task_names})
         self.routing_stats = None
         self._routing_collector = None
         self._aux_loss_sum = torch.zeros(())
