@@ -29,6 +29,8 @@ _LAZY = {
     "AlterTrainer": ".trainer",
     "AlterTrainingArguments": ".trainer",
     "StageSwitchCallback": ".callback",
+    "AlterStagesMixin": ".stages",
+    "TaskIdsCollator": ".data",
     "MultiTaskDataCollator": ".data",
     "build_eval_datasets": ".data",
     "build_multitask_dataset": ".data",

@@ -6,8 +6,10 @@ schedule with its own learning rate and warm-up, and a log line with the trainab
 stage and the step of the switch in the checkpoints (`trainer_state.json`, through [`ExportableState`]), so that
 `trainer.train(resume_from_checkpoint=...)` continues in the right stage with the right optimizer and schedule.
 
-It works together with [`AlterTrainer`], which creates it from [`AlterTrainingArguments`], restores its state when
-resuming, builds stage-aware optimizers and schedules, and keeps distributed wrappers correct across the switch.
+It works together with [`AlterStagesMixin`] (of [`AlterTrainer`], or of any `Trainer` subclass that puts it first in
+its bases), which binds it, restores its state when resuming, builds stage-aware optimizers and schedules, and keeps
+distributed wrappers correct across the switch. This file imports neither (the trainer imports the callback, as in
+Transformers).
 """
 
 import logging
@@ -84,8 +86,9 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
 
     Use it through [`AlterTrainer`], which creates it from its [`AlterTrainingArguments`], or takes the one passed in
     `callbacks` (then plain `Seq2SeqTrainingArguments` work too, and settings given both here and in
-    `AlterTrainingArguments` must agree, see `merge_args`); it needs the trainer to rebuild the optimizer and is bound
-    to it by `AlterTrainer`.
+    `AlterTrainingArguments` must agree, see `merge_args`), or pass it in `callbacks` of any trainer class with
+    [`AlterStagesMixin`] (e.g. TRL's `SFTTrainer`); it needs the trainer to rebuild the optimizer and is bound to it
+    by the mixin.
 
     Args:
         stage1_steps (`int`, *optional*):
@@ -264,8 +267,11 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, **kwargs):
         if self._trainer is None:
             raise ValueError(
-                "StageSwitchCallback rebuilds the trainer's optimizer at the switch and must be used with AlterTrainer "
-                "(which binds it), not with a plain Trainer."
+                "StageSwitchCallback needs a trainer that builds each ALTER stage's optimizer: use AlterTrainer, or put "
+                "modeling_alter.AlterStagesMixin first in your trainer's bases (e.g. `class AlterSFTTrainer("
+                "AlterStagesMixin, SFTTrainer): pass`). A callback alone cannot: Trainer creates the optimizer, wraps "
+                "the model for DDP and loads a resumed optimizer before any callback sees them (see "
+                "docs/training-with-trl.md)."
             )
         if self.stage == 1 and self.planned_switch_step is not None:
             logger.info(
@@ -298,7 +304,8 @@ class StageSwitchCallback(TrainerCallback, ExportableState):
         log line of the switch waits for `report_switch` (after the last stage-1 step's own log line)."""
         trainer = self._trainer
         if trainer is None:
-            raise ValueError("StageSwitchCallback.switch needs a trainer: use the callback through AlterTrainer.")
+            raise ValueError("StageSwitchCallback.switch needs a trainer: use the callback through AlterTrainer or a "
+                             "trainer with AlterStagesMixin.")
         if self.eval_on_switch and trainer.eval_dataset is not None:
             self.stage1_metrics = {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
         model = trainer.alter_model

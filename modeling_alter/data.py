@@ -431,3 +431,61 @@ class MultiTaskDataCollator:
         if all(has_task_ids):
             batch["task_ids"] = torch.tensor([int(feature["task_ids"]) for feature in features], dtype=torch.long)
         return batch
+
+
+TASK_COLUMNS = ("task_ids", "task")
+
+
+class TaskIdsCollator:
+    """Wraps any data collator so that each example's task reaches the model as `task_ids` (a LongTensor [batch]).
+
+    Each feature may carry `task_ids` (an int) or `task` (a task name of `task_names`), or neither; both columns are
+    taken out of the features before `collator` (e.g. TRL's `DataCollatorForLanguageModeling`, which builds the batch
+    from `input_ids`/`labels` only and would drop them) pads them, and `task_ids` is added to its batch. A batch whose
+    features carry no task column is the collator's batch unchanged (prefix routing: the model infers the tasks).
+    [`AlterStagesMixin`] wraps a trainer's collator with it.
+
+    Raises `ValueError` for a batch where some features carry a task and others do not, an unknown task name, an id
+    out of range, or a feature whose `task_ids` and `task` disagree.
+    """
+
+    def __init__(self, collator, task_names: Sequence[str]):
+        if not callable(collator):
+            raise ValueError(f"collator={collator!r} is not valid: expected a callable data collator.")
+        self.collator = collator
+        self.task_names = list(task_names)
+
+    def __getattr__(self, name):  # the wrapped collator's settings (e.g. TRL's `padding_free`) stay readable
+        if name in ("collator", "task_names"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def _task_id(self, feature: Mapping[str, Any], index: int) -> int | None:
+        task_id = feature.get("task_ids")
+        name = feature.get("task")
+        if name is not None:
+            from_name = _task_id(name, self.task_names)
+            if task_id is not None and int(task_id) != from_name:
+                raise ValueError(f"Feature {index} has task_ids={task_id} but task={name!r} (id {from_name}).")
+            task_id = from_name
+        if task_id is None:
+            return None
+        task_id = int(task_id)
+        if not 0 <= task_id < len(self.task_names):
+            raise ValueError(f"Feature {index} has task_ids={task_id}: expected 0..{len(self.task_names) - 1} for tasks "
+                             f"{self.task_names}.")
+        return task_id
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features or not isinstance(features[0], Mapping):
+            return self.collator(features)
+        ids = [self._task_id(feature, i) for i, feature in enumerate(features)]
+        if all(task_id is None for task_id in ids):
+            return self.collator([{k: v for k, v in f.items() if k not in TASK_COLUMNS} for f in features])
+        if any(task_id is None for task_id in ids):
+            missing = ids.index(None)
+            raise ValueError(f"Feature {missing} of the batch has no task (a 'task_ids' or 'task' column) while others "
+                             "do.")
+        batch = self.collator([{k: v for k, v in f.items() if k not in TASK_COLUMNS} for f in features])
+        batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
+        return batch

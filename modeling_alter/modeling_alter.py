@@ -579,6 +579,8 @@ class AlterForConditionalGeneration(AlterTasksMixin, AlterPreTrainedModel, Gener
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
             use_cache = False
+        if task_ids is None:
+            self._check_task_ids_reach_the_model()
         if encoder_outputs is None and task_ids is None and input_ids is not None and self.config.task_prefixes:
             task_ids = self.infer_task_ids(input_ids, attention_mask)
         if self.config.stage == 2 and self.training and task_ids is not None and self.config.task_id_drop_rate > 0:

@@ -262,7 +262,8 @@ class AlterCausalModel(AlterCausalPreTrainedModel):
         return AlterCausalModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
+            # as the backbone's own model: no entry for a layer whose attention returns no weights (sdpa, flash)
+            attentions=tuple(a for a in all_attentions if a is not None) if output_attentions else None,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             routing_weights=torch.stack([s.weights for s in all_stats], 1) if output_routing_weights else None,
             routing_entropy=torch.stack([s.entropy for s in all_stats], 1) if output_routing_weights else None,
@@ -405,6 +406,8 @@ class AlterForCausalLM(AlterTasksMixin, AlterCausalPreTrainedModel, GenerationMi
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if labels is not None:
             use_cache = False
+        if task_ids is None:
+            self._check_task_ids_reach_the_model()
         if task_ids is None and input_ids is not None and self.config.task_prefixes:
             if cache is None or cache.get_seq_length() == 0:  # later steps see only new tokens: pass task_ids
                 task_ids = self.infer_task_ids(input_ids, attention_mask if isinstance(attention_mask, torch.Tensor)

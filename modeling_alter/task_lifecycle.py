@@ -341,7 +341,12 @@ class AlterTasksMixin:
         parameters that hold rows of those tasks: the task adapters in stage 1, the task embeddings in stage 2 (their
         other rows are kept frozen, see `frozen_rows`)."""
         if self._train_task_names is None:
-            return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
+            peft_names = self.peft_adapter_parameter_names()
+            if peft_names is None:
+                return stage_trainable_names(self.named_parameters(), stage, self.config.stage1_train_backbone)
+            # Under PEFT the adapters it injected (LoRA, ...) train the backbone in stage 1; its weights stay frozen.
+            names = stage_trainable_names(self.named_parameters(), stage, train_backbone=False)
+            return names | peft_names if stage == 1 else names
         check_stage(stage)
         if stage == 1 and self.task_adapters_split:
             train = set(self.task_ids(list(self._train_task_names)).tolist())
@@ -349,6 +354,87 @@ class AlterTasksMixin:
                     if (split := task_parameter_of(name)) is not None and split[1] in train}
         leaves = TASK_ADAPTER_PARAMETERS if stage == 1 else ("task_embedding.weight",)
         return {name for name, _ in self.named_parameters() if ".mta." in f".{name}" and name.endswith(leaves)}
+
+    # ---- under a PEFT wrapper (`peft.get_peft_model(model, LoraConfig(...))`) ------------------------------------
+
+    def peft_adapter_parameter_names(self) -> set[str] | None:
+        """Names of the parameters that PEFT injected into this model (LoRA's `lora_A`/`lora_B`, copies of
+        `modules_to_save`, ...: the sub-modules each PEFT layer lists in `adapter_layer_names`), or `None` when no PEFT
+        adapter is injected. Under PEFT, stage 1 trains the task adapters and these parameters instead of the backbone
+        (`trainable_parameter_names`), stage 2 as without PEFT.
+
+        Raises `ValueError` if a PEFT adapter sits inside an MTA module (e.g. `target_modules="all-linear"` wraps the
+        router): ALTER's stages own those parameters."""
+        names = None
+        for module_name, module in self.named_modules():
+            layer_names = getattr(module, "adapter_layer_names", None)
+            if layer_names is None or not type(module).__module__.startswith("peft."):
+                continue
+            if ".mta." in f".{module_name}.":
+                raise ValueError(
+                    f"PEFT put an adapter on {module_name}, inside an ALTER MTA module, whose parameters ALTER's stages "
+                    "train themselves: target only the backbone's modules (e.g. LoraConfig(target_modules=['q_proj', "
+                    "'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']) for a decoder-only model, "
+                    "['q', 'k', 'v', 'o', 'wi', 'wo'] for T5) instead of 'all-linear'.")
+            names = set() if names is None else names
+            prefix = f"{module_name}." if module_name else ""
+            for attribute in layer_names:
+                child = getattr(module, attribute, None)
+                if isinstance(child, (nn.Module, nn.ParameterDict)):
+                    names |= {f"{prefix}{attribute}.{name}" for name, _ in child.named_parameters()}
+        return names
+
+    def route_task_ids_through(self, wrapper: nn.Module) -> nn.Module:
+        """Makes `wrapper` (a PEFT model around this model, e.g. `get_peft_model(model, LoraConfig(...))`) hand
+        `task_ids` on to this model, as its `forward` does not: `PeftModelForCausalLM.forward` and
+        `PeftModelForSeq2SeqLM.forward` take a `task_ids` argument of their own and pass it on only to PEFT's Poly
+        adapters. Two forward pre-hooks carry it past them (`wrapper`: `task_ids` -> `alter_task_ids`; PEFT's tuner
+        model and this model: back to `task_ids`); `generate` needs none (PEFT passes its keyword arguments on).
+        Returns `wrapper`. Idempotent. `AlterTrainer` (and any trainer with `AlterStagesMixin`) calls it.
+
+        Without it, a forward of such a wrapper without prefix routing raises a `ValueError` naming this method,
+        rather than routing stage 1 nowhere or stage 2 silently without the ids."""
+        if getattr(wrapper, "_alter_routes_task_ids", False):
+            return wrapper
+
+        def rename(source, target):
+            def hook(module, args, kwargs):
+                if source in kwargs:
+                    kwargs = dict(kwargs)
+                    kwargs[target] = kwargs.pop(source)
+                    return args, kwargs
+                return None
+            return hook
+
+        wrapper.register_forward_pre_hook(rename("task_ids", "alter_task_ids"), with_kwargs=True)
+        inner = [self]
+        tuner = getattr(wrapper, "base_model", None)  # PEFT's LoraModel, ..., which calls this model's forward
+        if isinstance(tuner, nn.Module) and tuner is not self and tuner is not wrapper:
+            inner.append(tuner)
+        for module in inner:
+            if not getattr(module, "_alter_receives_task_ids", False):
+                module.register_forward_pre_hook(rename("alter_task_ids", "task_ids"), with_kwargs=True)
+                module._alter_receives_task_ids = True
+        wrapper._alter_routes_task_ids = True
+        self._alter_peft_routed = True
+        return wrapper
+
+    def _check_task_ids_reach_the_model(self) -> None:
+        """Called by `forward` when it gets `task_ids=None`: raises if a PEFT wrapper of a task type whose `forward`
+        drops `task_ids` wraps this model and `route_task_ids_through` was not called (see there)."""
+        peft_config = self.__dict__.get("peft_config")
+        if not peft_config or self.__dict__.get("_alter_peft_routed") or self.config.task_prefixes:
+            return
+        for config in peft_config.values():
+            task_type = getattr(getattr(config, "task_type", None), "value", getattr(config, "task_type", None))
+            peft_type = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+            if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and peft_type != "POLY":
+                raise ValueError(
+                    f"This ALTER model is wrapped by PEFT (task_type={task_type!r}), whose forward keeps task_ids for "
+                    "its own Poly adapters and drops them for LoRA and the others, so the ALTER model got "
+                    "task_ids=None. Call `model.route_task_ids_through(peft_model)` once after `get_peft_model(model, "
+                    "config)` (AlterTrainer and trainers with AlterStagesMixin do it for you), or leave task_type out "
+                    "of the PEFT config (PeftModel passes every argument on).")
 
     def set_stage(self, stage: int) -> None:
         """Sets `config.stage` and makes exactly that stage's parameters trainable (the rest frozen)."""

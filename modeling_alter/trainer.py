@@ -20,7 +20,6 @@ trainer.evaluate()  # eval_qa_loss, eval_qa_token_f1, eval_nli_loss, eval_nli_ac
 ```
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -31,14 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-from transformers.optimization import get_scheduler
-from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import get_last_checkpoint, speed_metrics
+from transformers.trainer_utils import speed_metrics
 
 from .callback import StageSwitchCallback, validate_stage_arguments
 from .console import install_console
 from .metrics import METRICS, compute_metric
 from .routing_report import ROUTING_HEATMAP_NAME, ROUTING_STATS_NAME, RoutingStatistics, mta_module_labels
+from .stages import AlterStagesMixin, unwrap_alter_model
 
 
 logger = logging.getLogger(__name__)
@@ -144,25 +142,6 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _check_supported_options(args) -> None:
-    """Raises a `ValueError` naming a `Seq2SeqTrainingArguments` option that ALTER cannot honour."""
-    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
-        kwargs = getattr(args, name, None)
-        if not isinstance(kwargs, dict):
-            continue
-        if kwargs.get("use_reentrant"):
-            raise ValueError(
-                f"{name}={kwargs!r} is not supported by ALTER: reentrant checkpointing loses the gradient of the "
-                "router's load-balancing loss and needs every block input to require grad. Use "
-                "{'use_reentrant': False} (the default); the other torch.utils.checkpoint options are honoured."
-            )
-        if kwargs.get("every_n_layers", 1) != 1:
-            raise ValueError(
-                f"{name}={kwargs!r}: every_n_layers={kwargs['every_n_layers']!r} is not supported by ALTER, which "
-                "checkpoints every block of the encoder and decoder; leave it out (or 1)."
-            )
-
-
 def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
     """The prompts of a decoder-only batch (`input_ids` = prompt + answer, `labels` -100 on the prompt and padding):
     each row's non-padding tokens before its first label, left-padded for `generate`. Returns the generation inputs
@@ -191,15 +170,17 @@ def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
     return {"input_ids": ids, "attention_mask": attention, **rest}, width
 
 
-class AlterTrainer(Seq2SeqTrainer):
+class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
     r"""
     A [`Seq2SeqTrainer`] for [`AlterForConditionalGeneration`] that trains both stages in one `train()` call and
     evaluates per task.
 
-    - **Stages**: a [`StageSwitchCallback`] (made from `args`, or the one passed in `callbacks`) switches the model to
-      stage 2 at the configured step or epoch; the optimizer holds exactly the current stage's trainable parameters,
-      and each stage has its own learning rate and schedule. Checkpoints record the stage, so
-      `train(resume_from_checkpoint=...)` continues in either stage exactly as the uninterrupted run.
+    - **Stages** ([`AlterStagesMixin`], which any other trainer class can use too): a [`StageSwitchCallback`] (made
+      from `args`, or the one passed in `callbacks`) switches the model to stage 2 at the configured step or epoch; the
+      optimizer holds exactly the current stage's trainable parameters, and each stage has its own learning rate and
+      schedule. Checkpoints record the stage, so `train(resume_from_checkpoint=...)` continues in either stage exactly
+      as the uninterrupted run. A dataset's `task_ids` or `task` column reaches the model; a PEFT model around an ALTER
+      model routes its task ids as the ALTER model does.
     - **Loss**: the model's loss (cross-entropy summed over label tokens and divided by the number of label tokens of
       the whole accumulated batch, so gradient accumulation keeps the loss scale, plus `router_aux_loss_coef` times the
       router's load-balancing loss in stage 2). Training logs carry `aux_loss` (the unweighted auxiliary loss) and
@@ -260,35 +241,16 @@ class AlterTrainer(Seq2SeqTrainer):
                 "AlterTrainer needs AlterTrainingArguments, or Seq2SeqTrainingArguments with the stage settings in a "
                 f"StageSwitchCallback, got {type(args).__name__}."
             )
-        if not isinstance(args, AlterTrainingArguments):
-            # ALTER needs DDP to find unused parameters (see AlterTrainingArguments); the other ALTER settings take
-            # their AlterTrainingArguments defaults.
-            if args.ddp_find_unused_parameters is None:
-                args.ddp_find_unused_parameters = True
-            elif not args.ddp_find_unused_parameters:
-                raise ValueError(
-                    "ddp_find_unused_parameters=False is not valid for ALTER: a batch trains only the task adapters "
-                    "of the tasks it contains, and each stage freezes part of the model."
-                )
-        _check_supported_options(args)
         if args.dataloader_pin_memory and not _has_accelerator():
             # Pinned memory only speeds up copies to an accelerator; without one, PyTorch warns on every run.
             args.dataloader_pin_memory = False
-        if model_init is not None:
-            raise ValueError("AlterTrainer does not support `model_init`: pass the ALTER model as `model`.")
-        if model is None or not hasattr(model, "set_stage") or not hasattr(model, "trainable_parameter_names"):
-            raise ValueError(
-                f"AlterTrainer trains an AlterForConditionalGeneration or AlterForCausalLM, got {type(model).__name__}."
-            )
-        if not model.config.is_encoder_decoder and args.label_smoothing_factor > 0:
+        alter = unwrap_alter_model(model) if model is not None else None
+        if alter is None:
+            raise ValueError("AlterTrainer trains an AlterForConditionalGeneration or AlterForCausalLM, got None.")
+        if not alter.config.is_encoder_decoder and args.label_smoothing_factor > 0:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not supported for a decoder-only ALTER model "
                 "(Trainer's label smoother would not shift its labels); use 0."
-            )
-        if optimizers is not None and any(o is not None for o in optimizers):
-            raise ValueError(
-                "AlterTrainer does not accept `optimizers`: it builds a new optimizer and schedule for each stage. "
-                "Pass `optimizer_cls_and_kwargs` to choose the optimizer class of both stages."
             )
         if data_collator is None and processing_class is not None and hasattr(processing_class, "pad"):
             from .data import MultiTaskDataCollator
@@ -296,19 +258,8 @@ class AlterTrainer(Seq2SeqTrainer):
             # With the model, `decoder_input_ids` come from the labels (as `DataCollatorForSeq2Seq(tok, model=...)`
             # makes them), so the forward still has decoder inputs when Trainer takes the labels out of the batch
             # (label smoothing, `compute_loss_func`).
-            data_collator = MultiTaskDataCollator(processing_class, model=model)
-        self.task_metrics = self._check_task_metrics(task_metrics, model.config.task_names)
-        if getattr(args, "train_tasks", None) is not None:  # plain Seq2SeqTrainingArguments have none
-            model.set_train_tasks(args.train_tasks)
-        callbacks = list(callbacks or [])
-        given = [cb for cb in callbacks if isinstance(cb, StageSwitchCallback)]
-        if len(given) > 1:
-            raise ValueError(f"Pass at most one StageSwitchCallback, got {len(given)}.")
-        if given:
-            given[0].merge_args(args)  # the callback becomes the one source of truth; disagreements raise
-        else:
-            from_args = isinstance(args, AlterTrainingArguments)
-            callbacks.append(StageSwitchCallback.from_args(args) if from_args else StageSwitchCallback())
+            data_collator = MultiTaskDataCollator(processing_class, model=alter)
+        self.task_metrics = self._check_task_metrics(task_metrics, alter.config.task_names)
         super().__init__(
             model=model,
             args=args,
@@ -316,16 +267,17 @@ class AlterTrainer(Seq2SeqTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            model_init=model_init,
             compute_loss_func=compute_loss_func,
             compute_metrics=compute_metrics,
             callbacks=callbacks,
+            optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         # Seq2SeqTrainer does not forward it; Trainer.create_optimizer reads it for both stages.
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.stage_callback.bind(self)
         # Progress bars, step lines, per-task tables and a summary line instead of Transformers' metric dicts.
-        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in model.config.task_names})
+        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in alter.config.task_names})
         self.routing_stats = None
         self._routing_collector = None
         self._aux_loss_sum = torch.zeros(())
@@ -344,245 +296,22 @@ class AlterTrainer(Seq2SeqTrainer):
                 )
         return task_metrics
 
-    # ---- model and stage ----------------------------------------------------------------------------------------
-
-    @property
-    def alter_model(self):
-        """The unwrapped [`AlterForConditionalGeneration`] (outside DDP/FSDP/compile wrappers)."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    @property
-    def stage_callback(self) -> StageSwitchCallback:
-        """The [`StageSwitchCallback`] of this trainer (bound to it)."""
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, StageSwitchCallback):
-                callback.bind(self)
-                return callback
-        raise ValueError("AlterTrainer has no StageSwitchCallback: do not remove it from the callbacks.")
-
-    @property
-    def stage1_metrics(self) -> dict | None:
-        """Evaluation metrics of the stage-1 model, taken just before the switch (see `eval_on_stage_switch`)."""
-        return self.stage_callback.stage1_metrics
-
-    def _resolve_checkpoint(self, resume_from_checkpoint):
-        if resume_from_checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}).")
-            return checkpoint
-        if resume_from_checkpoint in (None, False):
-            return None
-        return str(resume_from_checkpoint)
-
-    def _restore_stage(self, checkpoint: str) -> None:
-        """Reads the stage recorded in `checkpoint` (callback state, and `stage` of its `config.json`)."""
-        callback = self.stage_callback
-        config_stage = None
-        config_path = os.path.join(checkpoint, "config.json")
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                config_stage = json.load(handle).get("stage")
-        attributes = None
-        state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)
-        if os.path.isfile(state_path):
-            stored = TrainerState.load_from_json(state_path).stateful_callbacks.get(type(callback).__name__)
-            if isinstance(stored, list):
-                stored = stored[0] if stored else None
-            if stored is not None:
-                attributes = stored.get("attributes", {})
-        if attributes is not None and attributes.get("stage") is not None:
-            callback.restore(attributes)
-            if config_stage is not None and config_stage != callback.stage:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} is inconsistent: its trainer state says stage {callback.stage} but its "
-                    f"config.json says stage {config_stage}."
-                )
-        elif config_stage is not None:
-            callback.restore({"stage": config_stage, "switch_step": None, "stage1_metrics": None})
-        else:
-            raise ValueError(f"Checkpoint {checkpoint} records no ALTER stage (no config.json nor stage state).")
-
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
-        Runs both stages (see [`Trainer.train`]). Resuming from a checkpoint continues in the stage it records, with
-        that stage's optimizer and schedule. At the end, saves the routing statistics and heatmap (see
-        `args.save_routing_heatmap`).
+        Runs both stages (see [`AlterStagesMixin.train`] and [`Trainer.train`]). At the end, saves the routing
+        statistics and heatmap (see `args.save_routing_heatmap`).
         """
-        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
-        callback = self.stage_callback
-        model = self.alter_model
-        if checkpoint is not None:
-            self._restore_stage(checkpoint)
-        else:
-            callback.reset(model.config.stage)
-            if model.config.stage == 2 and callback.configures_switch:
-                raise ValueError(
-                    f"The model is already in stage 2 but a switch is configured (stage1_steps={callback.stage1_steps!r},"
-                    f" stage1_epochs={callback.stage1_epochs!r}): call model.set_stage(1) first, or unset both to "
-                    "train stage 2 only."
-                )
-        model.set_stage(callback.stage)
-        switch_during_training = callback.stage == 1 and callback.configures_switch and callback.stage1_steps != 0
-        if self.is_deepspeed_enabled and switch_during_training:
-            raise ValueError(
-                "DeepSpeed fixes the trainable parameters and optimizer groups when it initializes its engine, so "
-                "ALTER cannot switch stages inside one train() call under DeepSpeed. Train the stages in two calls: "
-                "(1) with stage1_steps/stage1_epochs unset, train stage 1 and save; (2) call model.set_stage(2) and "
-                "train again with a new AlterTrainer (learning_rate = the stage-2 learning rate)."
-            )
-        if self.is_fsdp_enabled:
-            plugin = self.accelerator.state.fsdp_plugin
-            if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", False):
-                raise ValueError(
-                    "FSDP with use_orig_params=False flattens parameters with different requires_grad together, "
-                    "which ALTER's stages cannot train: set fsdp_config={'use_orig_params': True}."
-                )
         self._aux_loss_sum = torch.zeros(())
         self._aux_loss_count = 0
-        # One parameter per task adapter while training (see "Many tasks" in the class docstring).
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            model.split_task_adapters()
-        if self.optimizer is not None:  # an earlier train() call's: it holds that call's per-task parameters
-            accelerated = getattr(self.accelerator, "_optimizers", None)
-            if accelerated is not None and self.optimizer in accelerated:
-                accelerated.remove(self.optimizer)
-            self.optimizer, self.lr_scheduler = None, None
-        try:
-            output = super().train(
-                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-            )
-        finally:
-            model.merge_task_adapters()
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
         if _alter_setting(self.args, "save_routing_heatmap"):
             self.save_routing_report(self.args.output_dir)
         return output
 
-    def set_initial_training_values(self, args, dataloader):
-        values = super().set_initial_training_values(args, dataloader)
-        num_update_steps_per_epoch, max_steps = values[1], values[-1]
-        callback = self.stage_callback
-        planned = callback.plan(num_update_steps_per_epoch, max_steps)
-        if callback.stage == 1 and planned == 0:
-            self.alter_model.set_stage(2)
-            callback.stage, callback.switch_step = 2, 0
-        if callback.stage == 2 and callback.switch_step is None:
-            # A stage-2 checkpoint written without callback state: assume the configured switch.
-            callback.switch_step = planned or 0
-        return values
-
-    # ---- optimizer, schedule and distributed wrapping ------------------------------------------------------------
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        prepare_model = self.accelerator.prepare_model
-
-        def prepare_model_with_all_stages(model, *args, **kwargs):
-            # DDP registers the parameters that require grad when it wraps the model (and FSDP sets the flat
-            # parameters' requires_grad): make the parameters of both stages trainable while wrapping, so that those
-            # becoming trainable at the switch are all-reduced too; then restore the current stage.
-            with self._all_stages_trainable(model):
-                return prepare_model(model, *args, **kwargs)
-
-        self.accelerator.prepare_model = prepare_model_with_all_stages
-
-    @contextlib.contextmanager
-    def _all_stages_trainable(self, model):
-        inner = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        if not hasattr(inner, "trainable_parameter_names"):
-            yield
-            return
-        names = inner.trainable_parameter_names(1) | inner.trainable_parameter_names(2)
-        saved = {name: p.requires_grad for name, p in inner.named_parameters()}
-        for name, param in inner.named_parameters():
-            param.requires_grad_(name in names)
-        try:
-            yield
-        finally:
-            for name, param in inner.named_parameters():
-                param.requires_grad_(saved[name])
-
-    def _stage_learning_rate(self) -> float:
-        callback = self.stage_callback
-        if callback.stage == 2 and callback.stage2_learning_rate is not None:
-            return callback.stage2_learning_rate
-        return self.args.learning_rate
-
-    def create_optimizer(self, model=None):
-        """
-        Creates the optimizer of the current stage: `args.optim` (or `optimizer_cls_and_kwargs`) over exactly the
-        parameters that train in it, with the stage's learning rate.
-        """
-        if self.optimizer is not None:
-            return self.optimizer
-        stage = self.stage_callback.stage or self.alter_model.config.stage
-        opt_model = self.model if model is None else model
-        expected = self.alter_model.trainable_parameter_names(stage)
-        trainable = {name for name, p in self.alter_model.named_parameters() if p.requires_grad}
-        if trainable != expected:
-            raise ValueError(
-                f"The model's trainable parameters do not match stage {stage}: call model.set_stage({stage}) instead "
-                f"of changing requires_grad by hand (unexpected: {sorted(trainable - expected)[:5]}, missing: "
-                f"{sorted(expected - trainable)[:5]})."
-            )
-        optimizer = super().create_optimizer(opt_model)
-        learning_rate = self._stage_learning_rate()
-        inner = getattr(optimizer, "optimizer", optimizer)
-        if self.alter_model.frozen_rows is not None:  # train_tasks: other tasks' rows stay exactly as they are
-            self.alter_model.frozen_rows.attach(inner)
-        for group in inner.param_groups:
-            group["lr"] = learning_rate
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """
-        Creates the learning-rate schedule of the current stage. Stage 1 runs `args.lr_scheduler_type` with
-        `args.warmup_steps` until the switch; stage 2 runs `stage2_lr_scheduler_type` with `stage2_warmup_steps` from
-        the switch to the end of training.
-        """
-        if self.lr_scheduler is not None:
-            return self.lr_scheduler
-        callback = self.stage_callback
-        if callback.stage != 2:
-            stage1_steps = callback.planned_switch_step or num_training_steps
-            return super().create_scheduler(stage1_steps, optimizer)
-        num_steps = max(num_training_steps - (callback.switch_step or 0), 1)
-        warmup = callback.stage2_warmup_steps
-        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(num_steps * warmup)
-        self.lr_scheduler = get_scheduler(
-            callback.stage2_lr_scheduler_type or self.args.lr_scheduler_type,
-            optimizer=optimizer if optimizer is not None else self.optimizer,
-            num_warmup_steps=warmup_steps,
-            num_training_steps=num_steps,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-        )
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
-
-    def rebuild_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        """
-        Replaces the optimizer and the learning-rate schedule by new ones for the model's current trainable set (used
-        by [`StageSwitchCallback`] at the switch). The distributed wrapper of the model is kept: it already registers
-        the parameters of both stages.
-        """
-        old = self.optimizer
-        accelerated = getattr(self.accelerator, "_optimizers", None)
-        if accelerated is not None and old in accelerated:
-            accelerated.remove(old)
-        self.optimizer, self.lr_scheduler = None, None
-        self.create_optimizer()
-        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        self.create_scheduler(num_training_steps=num_training_steps, optimizer=self.optimizer)
-        self.callback_handler.optimizer = self.optimizer
-        self.callback_handler.lr_scheduler = self.lr_scheduler
-
     # ---- loss and logs ------------------------------------------------------------------------------------------
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # The step at whose end the switch happened is a stage-1 step: its log line comes first, then the switch's.
-        result = super()._maybe_log_save_evaluate(*args, **kwargs)
-        self.stage_callback.report_switch()
-        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """
