@@ -468,8 +468,10 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
     level = logging.INFO if training_args.should_log else logging.WARNING
     for name in ("train_two_stage", "modeling_alter"):
         logging.getLogger(name).setLevel(level)
-    # The per-module routing tables go to the heatmap and routing_stats.json; the summary is printed below.
-    logging.getLogger("modeling_alter.trainer").setLevel(logging.WARNING)
+    # The per-module routing tables go to the heatmap and routing_stats.json; the summary is printed below. The
+    # trainer's console prints the stage plan and the switch, which the callback also logs.
+    for name in ("modeling_alter.trainer", "modeling_alter.callback"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     if data_args.mixing not in MIXING_STRATEGIES:
         raise ValueError(f"--mixing {data_args.mixing!r} is not valid: expected one of {list(MIXING_STRATEGIES)}.")

@@ -47,7 +47,7 @@ class AlterProgressCallback(ProgressCallback):
 
     - a training log (`loss`, ...): `step 100/1500 · stage 1 · loss 2.301 · learning_rate 0.001916 · ...`;
     - a per-task evaluation: the table of `per_task_table`, titled with the stage and step;
-    - the switch to stage 2: one line with the trainable and frozen parameter counts;
+    - the start of training: when stage 2 begins; the switch to stage 2: one line with the parameter counts;
     - the end of training: one summary line (steps, time, mean training loss).
 
     With `bars=False` (replacing `PrinterCallback`, i.e. `disable_tqdm=True`) it shows no bar and prints every log as
@@ -57,19 +57,26 @@ class AlterProgressCallback(ProgressCallback):
     Args:
         task_metrics: task -> metric name of every task (the rows of the evaluation tables).
         bars: show tqdm progress bars (`ProgressCallback`) or print lines only (`PrinterCallback`).
+        stage_callback: the trainer's `StageSwitchCallback`, whose planned switch step is printed when training
+            starts (optional).
     """
 
-    def __init__(self, task_metrics: dict[str, str], bars: bool = True):
+    def __init__(self, task_metrics: dict[str, str], bars: bool = True, stage_callback=None):
         super().__init__()
         if not isinstance(task_metrics, dict):
             raise ValueError(f"task_metrics must be a dict of task -> metric name, got {type(task_metrics).__name__}.")
         self.task_metrics = dict(task_metrics)
         self.bars = bars
+        self.stage_callback = stage_callback
         self.current_step = 0
 
     # ---- bars ---------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
+        switch = getattr(self.stage_callback, "planned_switch_step", None)
+        if state.is_world_process_zero and switch is not None and getattr(self.stage_callback, "stage", None) == 1:
+            # (the StageSwitchCallback comes before this one and has planned the switch)
+            print(f"Stage 1 until step {switch:,}, then stage 2 until step {state.max_steps:,}.", flush=True)
         if self.bars:
             super().on_train_begin(args, state, control, **kwargs)
         self.current_step = 0
@@ -162,13 +169,14 @@ def _interactive() -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
-def install_console(trainer, task_metrics: dict[str, str]) -> None:
+def install_console(trainer, task_metrics: dict[str, str], stage_callback=None) -> None:
     """Replaces the trainer's default `ProgressCallback` / `PrinterCallback` (exactly those classes) by an
     `AlterProgressCallback` with the same role."""
     handler = trainer.callback_handler
     for index, callback in enumerate(list(handler.callbacks)):
         if type(callback) in (ProgressCallback, PrinterCallback):
-            handler.callbacks[index] = AlterProgressCallback(task_metrics, bars=type(callback) is ProgressCallback)
+            handler.callbacks[index] = AlterProgressCallback(
+                task_metrics, bars=type(callback) is ProgressCallback, stage_callback=stage_callback)
 
 
 __all__ = ["AlterProgressCallback", "install_console", "per_task_table"]

@@ -277,7 +277,8 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         # Seq2SeqTrainer does not forward it; Trainer.create_optimizer reads it for both stages.
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         # Progress bars, step lines, per-task tables and a summary line instead of Transformers' metric dicts.
-        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in alter.config.task_names})
+        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in alter.config.task_names},
+                        self.stage_callback)
         self.routing_stats = None
         self._routing_collector = None
         self._aux_loss_sum = torch.zeros(())

@@ -62,6 +62,7 @@ def test_training_prints_lines_tables_and_one_summary_not_dicts(tmp_path, mode):
     assert lines[table + 3].startswith("| sentiment | accuracy | ") and lines[table + 4].startswith("| add | exact_match |")
     assert lines[table + 5].startswith("| **mean** | | ")
     assert sum(line.startswith("Switched to stage 2 at step 4: ") for line in lines) == 1
+    assert lines.count("Stage 1 until step 4, then stage 2 until step 6.") == 1
     summary = [line for line in lines if line.startswith("Training done: ")]
     assert len(summary) == 1 and "6 steps in" in summary[0] and "mean training loss" in summary[0], summary
     assert "history" in stdout and stdout.rstrip().endswith("True")  # the metrics still reach the log history
