@@ -223,11 +223,11 @@ class RoutingStatistics:
         top = max(float(np.nanmax(entropy)), 0.05)
         image = spread.imshow(entropy, vmin=0.0, vmax=top, cmap="magma", aspect="auto")
         spread.set_title("Routing entropy per module (nats; 0 = one adapter)", fontsize=10)
-        groups = {label.split(" · ")[0].rsplit(" ", 1)[0] + " · " + label.split(" · ")[-1] for label in module_labels}
+        units = [label.split(" · ")[0].rsplit(" ", 1) for label in module_labels]  # ["decoder layer", "3"]
+        groups = {f"{unit[0]} · {label.split(' · ')[-1]}" for unit, label in zip(units, module_labels)}
         if compact and len(groups) == 1 and all(" · " in label for label in module_labels):
             # Many modules of one kind (e.g. the MLP of every decoder layer): the index says it all.
-            spread.set_xticks(range(num_modules), [label.split(" · ")[0].rsplit(" ", 1)[-1] for label in module_labels],
-                              fontsize=8)
+            spread.set_xticks(range(num_modules), [unit[-1] for unit in units], fontsize=8)
             spread.set_xlabel(f"MTA module: {groups.pop().replace(' · ', ' N · ')}", fontsize=9)
         else:
             spread.set_xticks(range(num_modules), module_labels, rotation=45, ha="right", fontsize=9)

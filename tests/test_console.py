@@ -59,7 +59,8 @@ def test_training_prints_lines_tables_and_one_summary_not_dicts(tmp_path, mode):
     assert "stage 1 · loss" in steps[0] and "stage 2 · loss" in steps[2] and "aux_loss" in steps[2]
     table = lines.index("### Stage 1 (step 4)")
     assert lines[table + 1] == "| task | metric | score | loss |"
-    assert lines[table + 3].startswith("| sentiment | accuracy | ") and lines[table + 4].startswith("| add | exact_match |")
+    assert lines[table + 3].startswith("| sentiment | accuracy | ")
+    assert lines[table + 4].startswith("| add | exact_match |")
     assert lines[table + 5].startswith("| **mean** | | ")
     assert sum(line.startswith("Switched to stage 2 at step 4: ") for line in lines) == 1
     assert lines.count("Stage 1 until step 4, then stage 2 until step 6.") == 1

@@ -278,7 +278,8 @@ def test_every_results_table_names_its_source(page):
             above = lines[index - 1] if index else ""
             if not FIGURES.match(above):
                 unmarked.append(f"line {index + 1}: {line[:80]}")
-    assert not unmarked, f"{page_id(page)}: tables without a `<!-- figures: ... -->` line above:\n" + "\n".join(unmarked)
+    assert not unmarked, (f"{page_id(page)}: tables without a `<!-- figures: ... -->` line above:\n"
+                          + "\n".join(unmarked))
 
 
 # ---------------------------------------------------------------------------------------------------- version
