@@ -46,7 +46,6 @@ from transformers import (
     ByT5Tokenizer,
     HfArgumentParser,
     Seq2SeqTrainingArguments,
-    TrainerCallback,
     set_seed,
 )
 
@@ -61,6 +60,7 @@ from modeling_alter.data import (  # noqa: E402
     build_multitask_dataset,
     load_task_data,
 )
+from modeling_alter.console import per_task_table  # noqa: E402
 from modeling_alter.metrics import METRICS  # noqa: E402
 from modeling_alter.synthetic_tasks import default_metric_for_task, make_synthetic_tasks  # noqa: E402
 from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments  # noqa: E402
@@ -290,23 +290,6 @@ def markdown_cell(text: str, width: int = 60) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown_table(title: str, metrics: dict, task_metrics: dict[str, str], prefix: str = "eval") -> str:
-    """Formats per-task metrics as a Markdown table: task, metric, score, loss, plus the mean."""
-    lines = [f"### {title}", "", "| task | metric | score | loss |", "|---|---|---:|---:|"]
-    for task, metric in task_metrics.items():
-        score = metrics.get(f"{prefix}_{task}_{metric}")
-        loss = metrics.get(f"{prefix}_{task}_loss")
-        score_text = f"{score:.3f}" if score is not None else "-"
-        loss_text = f"{loss:.3f}" if loss is not None else "-"
-        lines.append(f"| {task} | {metric} | {score_text} | {loss_text} |")
-    mean = metrics.get(f"{prefix}_mean_score")
-    mean_loss = metrics.get(f"{prefix}_loss")
-    lines.append(
-        f"| **mean** | | {mean:.3f} | {mean_loss:.3f} |" if mean is not None and mean_loss is not None else "| **mean** | | - | - |"
-    )
-    return "\n".join(lines)
-
-
 def comparison_table(stage1: dict, stage2: dict, task_metrics: dict[str, str], wall_time: float) -> str:
     """Formats the per-task scores after stage 1 and after stage 2 side by side, with the wall time."""
     lines = [f"### Per-task scores after each stage (wall time {wall_time:.0f} s)", "",
@@ -333,21 +316,6 @@ def stage2_change(stage1: dict, stage2: dict, task_metrics: dict[str, str]) -> s
     up, down = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
     return (f"Stage 2 changed the mean eval score from {before:.3f} to {after:.3f} ({after - before:+.3f}; "
             f"{up} task(s) up, {down} down, {len(deltas) - up - down} unchanged).")
-
-
-class PrintStage1Table(TrainerCallback):
-    """Prints the per-task table of the evaluation that `StageSwitchCallback` runs just before the switch."""
-
-    def __init__(self, trainer, task_metrics, start):
-        self.trainer = trainer
-        self.task_metrics = task_metrics
-        self.start = start
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        callback = self.trainer.stage_callback
-        if callback.configures_switch and callback.stage == 1 and state.is_world_process_zero and metrics:
-            title = f"Stage 1 (step {state.global_step}, {time.time() - self.start:.0f} s)"
-            print("\n" + markdown_table(title, metrics, self.task_metrics) + "\n", flush=True)
 
 
 def _checked_metrics(given: dict[str, str], tasks: list[str]) -> dict[str, str]:
@@ -500,8 +468,10 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
     level = logging.INFO if training_args.should_log else logging.WARNING
     for name in ("train_two_stage", "modeling_alter"):
         logging.getLogger(name).setLevel(level)
-    # The per-module routing tables go to the heatmap and routing_stats.json; the summary is printed below.
-    logging.getLogger("modeling_alter.trainer").setLevel(logging.WARNING)
+    # The per-module routing tables go to the heatmap and routing_stats.json; the summary is printed below. The
+    # trainer's console prints the stage plan and the switch, which the callback also logs.
+    for name in ("modeling_alter.trainer", "modeling_alter.callback"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     if data_args.mixing not in MIXING_STRATEGIES:
         raise ValueError(f"--mixing {data_args.mixing!r} is not valid: expected one of {list(MIXING_STRATEGIES)}.")
@@ -562,7 +532,6 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
         processing_class=tokenizer,
         task_metrics=task_metrics,
     )
-    trainer.add_callback(PrintStage1Table(trainer, evaluated_metrics, start))
     progress["training"] = True
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
@@ -573,7 +542,7 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
         stage1 = trainer.stage1_metrics
         if trainer.is_world_process_zero():
             title = f"Stage {trainer.alter_model.config.stage} (step {trainer.state.global_step}, {time.time() - start:.0f} s)"
-            print("\n" + markdown_table(title, final, evaluated_metrics) + "\n")
+            print("\n" + per_task_table(title, final, evaluated_metrics) + "\n")
             if stage1:
                 print(comparison_table(stage1, final, evaluated_metrics, time.time() - start) + "\n")
                 summary = stage2_change(stage1, final, evaluated_metrics)

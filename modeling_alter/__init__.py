@@ -5,6 +5,8 @@ The model classes import only torch and transformers; the training side (trainer
 imported on first use, so the model runs wherever the Hub files run.
 """
 
+__version__ = "0.4.0"  # keep equal to setup.cfg's version and CHANGELOG.md's newest release (tests/test_docs.py)
+
 import importlib
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -46,4 +48,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AlterConfig", "AlterForConditionalGeneration", "AlterMTA", "AlterCausalConfig", "AlterForCausalLM", *_LAZY]
+__all__ = [
+    "__version__", "AlterConfig", "AlterForConditionalGeneration", "AlterMTA", "AlterCausalConfig", "AlterForCausalLM",
+    *_LAZY,
+]

@@ -522,8 +522,9 @@ def build_routing(config, task_ids, batch_size, token_mask, output_stats, unknow
     elif config.stage == 1:
         raise ValueError(
             "task_ids is required for a stage-1 ALTER model (each example uses its own task adapter): pass "
-            f"task_ids=model.task_ids([...]) with names from {config.task_names}, or call model.set_stage(2) to "
-            "route without task ids."
+            f"task_ids=model.task_ids([...]) with names from {config.task_names}, or route by prompt prefix "
+            "(model.set_task_prefixes({task: prefix, ...}, tokenizer=tok), then inputs that start with a prefix need "
+            "no task ids), or call model.set_stage(2) to route without task ids."
         )
     mask = token_mask.bool() if token_mask is not None else None
     own_tasks = None

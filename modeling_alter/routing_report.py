@@ -154,59 +154,127 @@ class RoutingStatistics:
 
     def figure(self, title: str | None = None):
         """
-        A matplotlib figure: one panel per MTA module (y axis: task, x axis: adapter, colour and number: the mean
-        weight of the adapter, `WEIGHT_NOTE` says why rows are not distributions), and a last panel with the routing
-        entropy per task and module. Close it with `matplotlib.pyplot.close`.
+        A matplotlib figure of three panels, rows = tasks:
+
+        - left, **adapter weights**: the mean weight of every adapter over all MTA modules (`WEIGHT_NOTE` says why a
+          row is not a distribution), so one look tells which adapters each task uses;
+        - right, top, **weight beyond the task's own adapter**, per MTA module: the other tasks' adapters plus the
+          shared ones, i.e. where in the network the tasks collaborate;
+        - right, bottom, **routing entropy** per MTA module, in nats, on its own colour scale.
+
+        Each cell prints its value (weights below 0.005 are left blank) while the panel has at most 16 modules;
+        modules are named as a reader says them ("encoder block 0 · FFN", "decoder layer 3 · MLP"). The per-module
+        weights of every adapter are in `to_dict()` (`routing_stats.json`). Close the figure with
+        `matplotlib.pyplot.close`.
         """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
 
         tasks = self.tasks_seen
         if not tasks:
             raise ValueError("No routing statistics to plot: no example was seen.")
         task_labels = [self.task_names[t] for t in tasks]
-        weights = self.mean_weights()[tasks].numpy()
-        entropy = self.mean_entropy()[tasks].numpy()
-        num_panels = len(self.module_names) + 1
-        columns = min(4, num_panels)
-        rows = math.ceil(num_panels / columns)
-        width = columns * max(2.6, 0.8 + 0.32 * len(self.adapter_names)) + 1.6
-        height = rows * max(2.2, 0.9 + 0.3 * len(tasks)) + 0.6
-        figure, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False, layout="constrained")
-        annotate = len(tasks) * len(self.adapter_names) <= 120
-        for m, module in enumerate(self.module_names):
-            axis = axes[m // columns][m % columns]
-            image = axis.imshow(weights[:, m, :], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-            axis.set_title(module, fontsize=9)
-            axis.set_xticks(range(len(self.adapter_names)), self.adapter_names, rotation=60, ha="right", fontsize=7)
-            axis.set_yticks(range(len(tasks)), task_labels if m % columns == 0 else [], fontsize=7)
-            axis.set_xlabel("adapter", fontsize=8)
-            axis.set_ylabel("task" if m % columns == 0 else "", fontsize=8)
-            if annotate:
-                for i in range(len(tasks)):
-                    for j in range(len(self.adapter_names)):
-                        value = weights[i, m, j]
-                        color = "black" if value > 0.6 else "white"
-                        axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color=color)
-        figure.colorbar(image, ax=[axes[m // columns][m % columns] for m in range(len(self.module_names))],
-                        shrink=0.8, label=self.WEIGHT_LABEL)
-        axis = axes[(num_panels - 1) // columns][(num_panels - 1) % columns]
-        image = axis.imshow(entropy, vmin=0.0, vmax=max(math.log(len(self.adapter_names)), 1e-6), cmap="magma",
-                            aspect="auto")
-        axis.set_title("routing entropy (nats)", fontsize=9)
-        axis.set_xticks(range(len(self.module_names)), self.module_names, rotation=60, ha="right", fontsize=7)
-        axis.set_yticks(range(len(tasks)), task_labels, fontsize=7)
-        axis.set_xlabel("MTA module", fontsize=8)
-        axis.set_ylabel("task", fontsize=8)
-        figure.colorbar(image, ax=axis, shrink=0.8, label="entropy of w (nats)")
-        for extra in range(num_panels, rows * columns):
-            axes[extra // columns][extra % columns].axis("off")
+        weights = self.mean_weights()[tasks].numpy()  # [tasks, modules, adapters]
+        entropy = self.mean_entropy()[tasks].numpy()  # [tasks, modules]
+        num_tasks, num_modules, num_adapters = weights.shape
+        own = np.stack([weights[row, :, task] if task < num_adapters else np.zeros(num_modules)
+                        for row, task in enumerate(tasks)])  # [tasks, modules]
+        beyond_own = weights.sum(-1) - own
+        mean_weights = weights.mean(1)  # [tasks, adapters]
+        module_labels = readable_module_names(self.module_names)
+
+        annotate_modules = num_modules <= 16
+        cell_in = 0.62 if annotate_modules else 0.32
+        left_width = 1.0 + 0.62 * num_adapters
+        right_width = 1.0 + cell_in * num_modules
+        label_in = 0.09 * max(len(label) for label in task_labels) + 0.4
+        compact = not annotate_modules and len({label.split(" · ")[-1] for label in module_labels}) == 1
+        longest = max(len(label) for label in [*self.adapter_names, *([] if compact else module_labels)])
+        height = 2 * (0.9 + 0.34 * num_tasks) + 0.06 * longest + 1.2  # tick labels at 45 degrees below the panels
+        figure = plt.figure(figsize=(label_in + left_width + label_in + right_width + 1.6, height),
+                            layout="constrained")
+        grid = figure.add_gridspec(2, 2, width_ratios=[left_width, right_width])
+        summary = figure.add_subplot(grid[:, 0])
+        collaboration = figure.add_subplot(grid[0, 1])
+        spread = figure.add_subplot(grid[1, 1], sharex=collaboration)
+
+        image = summary.imshow(mean_weights, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        summary.set_title(f"Adapter weights, mean over the {num_modules} MTA modules", fontsize=10)
+        summary.set_xticks(range(num_adapters), self.adapter_names, rotation=45, ha="right", fontsize=9)
+        summary.set_yticks(range(num_tasks), task_labels, fontsize=9)
+        summary.set_xlabel("adapter", fontsize=9)
+        summary.set_ylabel("task", fontsize=9)
+        _annotate(summary, mean_weights, vmax=1.0, blank_below=0.005, fontsize=8)
+        figure.colorbar(image, ax=summary, shrink=0.6, label=self.WEIGHT_LABEL)
+
+        top = max(float(np.nanmax(beyond_own)), 0.05)
+        image = collaboration.imshow(beyond_own, vmin=0.0, vmax=top, cmap="viridis", aspect="auto")
+        collaboration.set_title("Weight beyond the task's own adapter (other tasks' + shared), per module",
+                                fontsize=10)
+        collaboration.set_yticks(range(num_tasks), task_labels, fontsize=9)
+        collaboration.tick_params(axis="x", labelbottom=False)
+        if annotate_modules:
+            _annotate(collaboration, beyond_own, vmax=top, blank_below=0.005, fontsize=8)
+        figure.colorbar(image, ax=collaboration, shrink=0.9, label="weight")
+
+        top = max(float(np.nanmax(entropy)), 0.05)
+        image = spread.imshow(entropy, vmin=0.0, vmax=top, cmap="magma", aspect="auto")
+        spread.set_title("Routing entropy per module (nats; 0 = one adapter)", fontsize=10)
+        units = [label.split(" · ")[0].rsplit(" ", 1) for label in module_labels]  # ["decoder layer", "3"]
+        groups = {f"{unit[0]} · {label.split(' · ')[-1]}" for unit, label in zip(units, module_labels)}
+        if compact and len(groups) == 1 and all(" · " in label for label in module_labels):
+            # Many modules of one kind (e.g. the MLP of every decoder layer): the index says it all.
+            spread.set_xticks(range(num_modules), [unit[-1] for unit in units], fontsize=8)
+            spread.set_xlabel(f"MTA module: {groups.pop().replace(' · ', ' N · ')}", fontsize=9)
+        else:
+            spread.set_xticks(range(num_modules), module_labels, rotation=45, ha="right", fontsize=9)
+            spread.set_xlabel("MTA module", fontsize=9)
+        spread.set_yticks(range(num_tasks), task_labels, fontsize=9)
+        if annotate_modules:
+            _annotate(spread, entropy, vmax=top, blank_below=None, fontsize=8)
+        figure.colorbar(image, ax=spread, shrink=0.9, label="entropy (nats)")
+
         if title:
-            figure.suptitle(title)
-        figure.supxlabel("\n".join(textwrap.wrap(self.WEIGHT_NOTE, width=int(width * 14))), fontsize=7)
+            figure.suptitle(title, fontsize=12)
+        width = figure.get_size_inches()[0]
+        figure.supxlabel("\n".join(textwrap.wrap(self.WEIGHT_NOTE, width=int(width * 13))), fontsize=8)
         return figure
 
 
-__all__ = ["ROUTING_HEATMAP_NAME", "ROUTING_STATS_NAME", "RoutingStatistics", "mta_module_labels"]
+def readable_module_names(labels: list[str]) -> list[str]:
+    """Names of MTA modules as a reader says them, from the short labels of `mta_module_labels`: `enc0.ffn` ->
+    "encoder block 0 · FFN", `dec1.cross_attn` -> "decoder block 1 · cross-attention" for an encoder-decoder (labels
+    with an `enc` module), `dec3.ffn` -> "decoder layer 3 · MLP" for a decoder-only model. Unknown labels pass
+    through."""
+    encoder_decoder = any(label.startswith("enc") for label in labels)
+    kinds = {"ffn": "FFN" if encoder_decoder else "MLP", "self_attn": "self-attention" if encoder_decoder else
+             "attention", "cross_attn": "cross-attention"}
+    names = []
+    for label in labels:
+        stack, _, kind = label.partition(".")
+        prefix = "enc" if stack.startswith("enc") else "dec" if stack.startswith("dec") else None
+        index = stack[len(prefix):] if prefix else ""
+        if prefix is None or not index.isdigit():
+            names.append(label)
+            continue
+        unit = "block" if encoder_decoder else "layer"
+        names.append(f"{'encoder' if prefix == 'enc' else 'decoder'} {unit} {index} · {kinds.get(kind, kind)}")
+    return names
+
+
+def _annotate(axis, values, vmax: float, blank_below: float | None, fontsize: int) -> None:
+    """Prints each cell's value (2 decimals) in a colour readable on the colour map."""
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            value = float(values[i, j])
+            if value != value or (blank_below is not None and abs(value) < blank_below):
+                continue
+            color = "black" if value > 0.6 * vmax else "white"
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=fontsize, color=color)
+
+__all__ = [
+    "ROUTING_HEATMAP_NAME", "ROUTING_STATS_NAME", "RoutingStatistics", "mta_module_labels", "readable_module_names",
+]

@@ -33,6 +33,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import speed_metrics
 
 from .callback import StageSwitchCallback, validate_stage_arguments
+from .console import install_console
 from .metrics import METRICS, compute_metric
 from .routing_report import ROUTING_HEATMAP_NAME, ROUTING_STATS_NAME, RoutingStatistics, mta_module_labels
 from .stages import AlterStagesMixin, unwrap_alter_model
@@ -275,6 +276,9 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         )
         # Seq2SeqTrainer does not forward it; Trainer.create_optimizer reads it for both stages.
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        # Progress bars, step lines, per-task tables and a summary line instead of Transformers' metric dicts.
+        install_console(self, {task: self.task_metrics.get(task, "exact_match") for task in alter.config.task_names},
+                        self.stage_callback)
         self.routing_stats = None
         self._routing_collector = None
         self._aux_loss_sum = torch.zeros(())

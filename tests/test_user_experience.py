@@ -11,6 +11,7 @@ import pytest
 from transformers import TrainerCallback
 from training_utils import REPO, tiny_args, tiny_data, tiny_model, tokenizer, import_script
 
+from modeling_alter.routing_report import readable_module_names
 from modeling_alter.trainer import AlterTrainer, RoutingStatistics
 
 EXAMPLE = REPO / "examples" / "train_two_stage.py"
@@ -62,13 +63,32 @@ def test_heatmap_says_what_its_numbers_are():
     stats.update(torch.tensor([0, 1]), weights, torch.zeros(2, 2))
     figure = stats.figure("routing")
     try:
-        panels = [axis for axis in figure.axes if axis.get_title() == "enc0.ffn"]
-        assert panels[0].get_xlabel() == "adapter" and panels[0].get_ylabel() == "task"
+        panels = {axis.get_title(): axis for axis in figure.axes if axis.get_title()}
+        summary = panels["Adapter weights, mean over the 2 MTA modules"]
+        assert summary.get_xlabel() == "adapter" and summary.get_ylabel() == "task"
+        assert [text.get_text() for text in summary.get_xticklabels()] == ["a", "b", "shared_0"]
+        # One number per cell that holds a weight (the zeros are left blank): the means over the two modules.
+        assert sorted(text.get_text() for text in summary.texts) == ["0.10", "0.30", "1.00", "1.00"]
+        entropy = panels["Routing entropy per module (nats; 0 = one adapter)"]
+        assert [text.get_text() for text in entropy.get_xticklabels()] == ["encoder block 0 · FFN",
+                                                                           "decoder block 0 · FFN"]
+        assert [text.get_text() for text in entropy.texts] == ["0.00"] * 4  # its values, on its own scale
+        beyond = panels["Weight beyond the task's own adapter (other tasks' + shared), per module"]
+        assert sorted(text.get_text() for text in beyond.texts) == ["0.10", "0.10", "0.30", "0.30"]
         labels = [axis.get_ylabel() for axis in figure.axes]
         assert any("not a distribution" in label for label in labels), labels
         assert "sum to more than 1" in figure.get_supxlabel().replace("\n", " ")
+        assert all(axis.has_data() or axis.get_label() == "<colorbar>" for axis in figure.axes)  # no empty panel
     finally:
         plt.close(figure)
+
+
+def test_heatmap_module_names_read_as_a_reader_says_them():
+    assert readable_module_names(["enc0.ffn", "enc0.self_attn", "dec1.cross_attn"]) == [
+        "encoder block 0 · FFN", "encoder block 0 · self-attention", "decoder block 1 · cross-attention"]
+    assert readable_module_names(["dec0.ffn", "dec12.self_attn"]) == ["decoder layer 0 · MLP",
+                                                                    "decoder layer 12 · attention"]
+    assert readable_module_names(["custom"]) == ["custom"]
 
 
 # ---- the example script's command line -----------------------------------------------------------------------------
