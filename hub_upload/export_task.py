@@ -258,6 +258,22 @@ def task_to_plain(model, task: str, stage1: bool = False):
     return task_to_t5(model, task, stage1=stage1)
 
 
+def _add_legacy_rope_fields(config_path: Path) -> None:
+    """Writes the RoPE settings also as Transformers 4's `rope_theta` (and `rope_scaling` for a non-default RoPE) next
+    to Transformers 5's `rope_parameters`, so that engines and exporters reading Transformers-4 configs (Optimum's ONNX
+    exporter, which pins Transformers < 4.58, older serving engines) use the model's RoPE base instead of their
+    default of 10000. Transformers 5 reads `rope_parameters` and ignores them. A per-layer-type `rope_parameters` (no
+    single base) is left alone."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return
+    config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", {key: value for key, value in rope.items() if key != "rope_theta"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export_task(model_or_folder, task: str, out_dir, stage1: bool = False, overwrite: bool = False,
                 tokenizer=None) -> Path:
     """Writes task `task` of an ALTER model to `out_dir` as a plain checkpoint of the backbone's own class, which
@@ -299,6 +315,7 @@ def export_task(model_or_folder, task: str, out_dir, stage1: bool = False, overw
         source["alter_intermediate_size"] = config.intermediate_size
         source["merge"] = ("the task's gated adapter appended to every MLP (gate_proj and up_proj rows, down_proj "
                            "columns): exact")
+        _add_legacy_rope_fields(out_dir / "config.json")
     else:
         source["alter_d_ff"] = config.d_ff
         source["merge"] = "the task's adapter appended to every FFN (wi rows, wo columns): exact"
