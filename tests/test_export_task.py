@@ -209,3 +209,23 @@ def test_export_task_rejects_what_is_not_an_alter_model(tmp_path):
         export_task(tmp_path, "topic", tmp_path / "x")
     with pytest.raises(ValueError, match="tokenizer=str is not valid"):
         export_task(gated_causal(), "topic", tmp_path / "x", tokenizer="tok")
+
+
+def test_serving_page_snippet_exports_exactly(tmp_path):
+    """The first snippet of docs/serving.md runs and prints what it says."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from training_utils import REPO
+
+    text = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    own, other = map(float, re.search(r"to the task: (\S+), to the other task: (\S+)", run.stdout).groups())
+    assert own < 1e-5 < 1e-2 < other, run.stdout
+    assert json.loads((tmp_path / "qa-llama" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

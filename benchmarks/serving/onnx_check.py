@@ -27,20 +27,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[0] if argv else "outputs/serving")
     import onnxruntime
-    import optimum
     import transformers
     from optimum.exporters.onnx import main_export
     from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSeq2SeqLM
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    versions = {"transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-                "optimum": getattr(optimum, "__version__", "?"), "torch": torch.__version__}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import version
 
-        versions["optimum-onnx"] = version("optimum-onnx")
-    except Exception:  # noqa: BLE001 - only for the record
-        pass
+    versions = {"transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+                "optimum": version("optimum"), "optimum-onnx": version("optimum-onnx"), "torch": torch.__version__}
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
     references = json.loads((root / "references.json").read_text())
     results, all_same = {}, True
