@@ -193,6 +193,8 @@ def test_causal_cli_carries_tokenizer_chat_template_and_generation_config(tmp_pa
     assert GenerationConfig.from_pretrained(tmp_path / "plain").max_new_tokens == 7
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and "auto_map" not in config
+    # Transformers 4's RoPE field too, for tools that read Transformers-4 configs (their default base is 10000)
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == model.config.rope_parameters["rope_theta"]
     assert not [p.name for p in (tmp_path / "plain").iterdir() if p.suffix == ".py"]  # no remote code
     # a refusal is one error line, exit 2, and writes nothing
     gated_causal("qwen3", adapter_form="plain").save_pretrained(tmp_path / "plainform")
@@ -229,3 +231,21 @@ def test_serving_page_snippet_exports_exactly(tmp_path):
     own, other = map(float, re.search(r"to the task: (\S+), to the other task: (\S+)", run.stdout).groups())
     assert own < 1e-5 < 1e-2 < other, run.stdout
     assert json.loads((tmp_path / "qa-llama" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_causal_export_keeps_a_scaled_rope(tmp_path):
+    # Transformers 5 reads rope_parameters; the legacy rope_theta / rope_scaling written beside them change nothing.
+    source = tiny_causal_lm("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
+    model = AlterForCausalLM.from_causal_lm(source, task_names=TASKS, adapter_dim=8, adapter_form="gated",
+                                            adapter_activation="silu").eval()
+    randomize_adapters(model)
+    config = json.loads((export_task(model, "topic", tmp_path / "x") / "config.json").read_text())
+    assert config["rope_theta"] == 5000.0 and config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "x").eval()
+    assert plain.config.rope_parameters == model.config.rope_parameters
+    batch = left_padded_batch()
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits[mask],
+                                   model(**batch, task_ids=model.task_ids(["topic"] * 4)).logits[mask],
+                                   rtol=0, atol=1e-5)
