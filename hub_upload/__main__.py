@@ -15,6 +15,7 @@ the traceback instead.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -117,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds allowed for the isolated load")
     export = commands.add_parser(
         "export-task",
-        help="write one task as a plain T5ForConditionalGeneration folder (no remote code)",
-        description="Merge one task's adapter into a wider FFN and write a T5ForConditionalGeneration folder that "
-        "loads without trust_remote_code and computes the task's stage-1 outputs; refuses, naming the reason, where "
-        "the merge cannot be exact (adapter form or activation other than the FFN's, attention adapters, stage 2).",
+        help="write one task as a plain checkpoint of the backbone's class (T5ForConditionalGeneration, "
+        "LlamaForCausalLM, Qwen2ForCausalLM, ...; no remote code)",
+        description="Merge one task's adapter into a wider FFN/MLP and write a folder of the backbone's own class "
+        "(T5ForConditionalGeneration, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM) that "
+        "loads without trust_remote_code and computes the task's stage-1 outputs, with the tokenizer, chat template "
+        "and generation config; refuses, naming the reason, where the merge cannot be exact (adapter form or "
+        "activation other than the FFN's, attention adapters, stage 2).",
     )
     export.add_argument("model_dir", help="the ALTER model folder")
     export.add_argument("task", help="the task to export (a name of config.task_names)")
@@ -187,7 +191,8 @@ def _run(args) -> int:
         from .export_task import export_task
 
         out = export_task(args.model_dir, args.task, args.out_dir, stage1=args.stage1, overwrite=args.overwrite)
-        print(f"wrote {out}: task {args.task!r} as a plain T5ForConditionalGeneration (no remote code)")
+        architecture = json.loads((out / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+        print(f"wrote {out}: task {args.task!r} as a plain {architecture} (no remote code)")
     elif args.command == "check":
         print(check_folder(args.folder, timeout=args.timeout, python=args.python).summary())
     else:

@@ -38,9 +38,12 @@ import torch
 from transformers.optimization import get_scheduler
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from .callback import StageSwitchCallback
 from .data import TASK_COLUMNS, TaskIdsCollator
+
+logger = logging.get_logger(__name__)
 
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -262,6 +265,15 @@ class AlterStagesMixin:
                 "(1) with stage1_steps/stage1_epochs unset, train stage 1 and save; (2) call model.set_stage(2) and "
                 "train again with a new trainer (learning_rate = the stage-2 learning rate)."
             )
+        if getattr(self.args, "fsdp", None) and not self.is_fsdp_enabled:
+            # Accelerate enables FSDP only on accelerators: on CPU (gloo) the distributed type stays MULTI_CPU and the
+            # model is wrapped in DDP without a word. Say so; docs/distributed.md has the FSDP2 recipe for CPU.
+            logger.warning(
+                "The training arguments ask for FSDP (fsdp=%r) but Accelerate did not enable it (distributed type %s; "
+                "it enables FSDP only on GPUs and other accelerators): every process holds the whole model and "
+                "trains with %s. On CPU, shard with modeling_alter.distributed.fully_shard_alter in a loop of your "
+                "own (docs/distributed.md).", self.args.fsdp, self.accelerator.distributed_type,
+                "DDP" if self.args.world_size > 1 else "one process")
         if self.is_fsdp_enabled:
             plugin = self.accelerator.state.fsdp_plugin
             if getattr(plugin, "fsdp_version", 1) == 1 and not getattr(plugin, "use_orig_params", False):

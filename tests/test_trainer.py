@@ -326,3 +326,18 @@ def test_optimizer_class_applies_to_both_stages(tmp_path):
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert isinstance(inner, torch.optim.SGD)
     assert inner.param_groups[0]["momentum"] == 0.9 and inner.param_groups[0]["initial_lr"] == 2e-2
+
+
+def test_fsdp_that_accelerate_does_not_enable_is_reported(tmp_path, caplog):
+    # Under torchrun on CPU, Accelerate keeps FSDP off (it enables it only on accelerators) and the Trainer wraps the
+    # model in DDP without a word: AlterTrainer says so. (One process refuses fsdp in Trainer.__init__ already, so
+    # the option is set after it.)
+    train_set, _ = tiny_data()
+    args = tiny_args(tmp_path, max_steps=2, stage1_steps=1)
+    trainer = AlterTrainer(model=tiny_model(), args=args, train_dataset=train_set, processing_class=tokenizer())
+    trainer.args.fsdp = ["full_shard"]
+    assert not trainer.is_fsdp_enabled
+    with caplog.at_level("WARNING", logger="modeling_alter.stages"):
+        trainer.train()
+    assert "ask for FSDP" in caplog.text and "Accelerate did not enable it" in caplog.text
+    assert "fully_shard_alter" in caplog.text
