@@ -333,16 +333,16 @@ def _job_of(argv: list[str]) -> str:
 
 
 def _default_text(name, field_default, job):
-    """`default: X`, with the other jobs' defaults where they differ (the one that applies to this command first)."""
+    """`default: X` (the main job's), then the other jobs' defaults where they differ; the one that applies to this
+    command first when it is not the main job's."""
+    def show(value):
+        return repr(value) if isinstance(value, str) else str(value)
+
     values = {label: defaults.get(name, field_default) for label, defaults in JOBS.items()}
-    if len(set(map(repr, values.values()))) == 1:
-        return f"default: {values[job]!r}" if isinstance(values[job], str) else f"default: {values[job]}"
-    show = (lambda v: repr(v) if isinstance(v, str) else str(v))
     main = values.pop("the main job")
-    parts = [f"default: {show(main)}"] + [f"{label}: {show(value)}" for label, value in values.items()
-                                           if repr(value) != repr(main)]
-    if job != "the main job":
-        parts.insert(0, f"here ({job}): {show(JOBS[job].get(name, field_default))}")
+    parts = [f"default: {show(main)}"] + [f"{label}: {show(value)}" for label, value in values.items() if value != main]
+    if job != "the main job" and values[job] != main:
+        parts.insert(0, f"here ({job}): {show(values[job])}")
     return "; ".join(parts)
 
 
@@ -556,12 +556,13 @@ def build_model_and_tokenizer(model_args: ModelArguments, task_names: list[str],
     }
     if model_args.base_model is not None:
         base_model = resolve_model_path(model_args.base_model)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or base_model)
         # The family comes from the checkpoint's config: a Llama-family decoder-only LM, or a T5-family model.
-        if AutoConfig.from_pretrained(base_model).model_type in CAUSAL_BACKBONES:
+        causal = AutoConfig.from_pretrained(base_model).model_type in CAUSAL_BACKBONES
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or base_model,
+                                                  **({"padding_side": "left"} if causal else {}))  # saved with it
+        if causal:
             if tokenizer.pad_token_id is None:  # most decoder-only tokenizers have no pad token
                 tokenizer.pad_token = tokenizer.eos_token
-            tokenizer.padding_side = "left"
             model = AlterForCausalLM.from_causal_lm(base_model, task_names=task_names, **mta_kwargs)
             if model.generation_config.pad_token_id is None:
                 model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -836,14 +837,15 @@ def answer_with_pipeline(output_dir, examples, task_prefixes, prompt_separator, 
     generator = pipeline("text-generation", model=reloaded, tokenizer=reloaded_tokenizer)
     print(f"Reloaded {type(reloaded).__name__} from {output_dir} through AutoModelForCausalLM "
           "(trust_remote_code=True). One answer per task from pipeline(\"text-generation\"), routed by the prompt's "
-          f"prefix (config.task_prefixes = {reloaded.config.task_prefixes}; no task ids):\n")
-    print("| task | prompt | answer | reference |\n|---|---|---|---|")
-    prompts = {task: task_prefixes[task] + example["source"].removeprefix(task_prefixes[task]) + prompt_separator
-               for task, example in examples.items()}
-    outputs = generator(list(prompts.values()), max_new_tokens=max_new_tokens, do_sample=False,
-                        return_full_text=False)
-    for (task, prompt), output in zip(prompts.items(), outputs):
-        cells = [markdown_cell(value) for value in (prompt, output[0]["generated_text"], examples[task]["target"])]
+          f"prefix (config.task_prefixes = {reloaded.config.task_prefixes}; no task ids). Prompt: the input, then "
+          f"{prompt_separator!r}:\n")
+    print("| task | input | answer | reference |\n|---|---|---|---|")
+    inputs = {task: task_prefixes[task] + example["source"].removeprefix(task_prefixes[task])
+              for task, example in examples.items()}
+    outputs = generator([text + prompt_separator for text in inputs.values()], max_new_tokens=max_new_tokens,
+                        do_sample=False, return_full_text=False)
+    for (task, text), output in zip(inputs.items(), outputs):
+        cells = [markdown_cell(value) for value in (text, output[0]["generated_text"], examples[task]["target"])]
         print(f"| {task} | " + " | ".join(cells) + " |")
 
 

@@ -21,6 +21,7 @@ trainer.evaluate()  # eval_qa_loss, eval_qa_token_f1, eval_nli_loss, eval_nli_ac
 """
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -853,7 +854,9 @@ class AlterTrainer(Seq2SeqTrainer):
         # A decoder-only model's inputs hold prompt + answer: generation must start from the prompt alone (below).
         causal = not self.alter_model.config.is_encoder_decoder and "labels" in inputs
         if not causal and (collector is None or "task_ids" not in inputs or "labels" not in inputs):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+            with self._generation_config_kept():
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys,
+                                               **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         collect = collector is not None and "task_ids" in inputs
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -883,12 +886,27 @@ class AlterTrainer(Seq2SeqTrainer):
             if gen_kwargs.get("max_new_tokens") is None and gen_kwargs.get("max_length") is not None:
                 # For a decoder-only model `generation_max_length` bounds the answer, as for an encoder-decoder.
                 gen_kwargs["max_new_tokens"] = gen_kwargs.pop("max_length")
-        _, generated_tokens, _ = super().prediction_step(
-            model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
-        )
+        with self._generation_config_kept():
+            _, generated_tokens, _ = super().prediction_step(
+                model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
+            )
         if causal:  # the left-padded prompt comes back in front of the answer
             generated_tokens = generated_tokens[:, width:]
         return loss, generated_tokens, labels
+
+    @contextlib.contextmanager
+    def _generation_config_kept(self):
+        """`Seq2SeqTrainer.prediction_step` fills the model's `generation_config` with Transformers' defaults
+        (`max_length=20`, ...) after generating, which then warns on every later `generate(max_new_tokens=...)` and is
+        saved with the model: evaluation leaves the model's generation config as it found it."""
+        model = self.model
+        saved = copy.deepcopy(getattr(model, "generation_config", None))
+        try:
+            yield
+        finally:
+            if saved is not None:
+                saved._from_model_config = False  # as Seq2SeqTrainer leaves it: not rebuilt from the config per batch
+                model.generation_config = saved
 
     def _decode(self, token_ids) -> list[str]:
         tokenizer = self.processing_class
