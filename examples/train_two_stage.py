@@ -124,7 +124,7 @@ MAIN_DEFAULTS = {
     "warmup_steps": 0.1,
     "stage2_warmup_steps": 0.1,
     "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
+    "per_device_eval_batch_size": 50,
     **GROUP_BY_LENGTH,
     "bf16": BF16,
     "use_cpu": BF16 and not _has_accelerator(),  # Trainer runs bf16 on a CPU only when told to use it

@@ -263,7 +263,8 @@ def _causal_tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_len
         else:
             texts = [source + prompt_separator for source in batch["source"]]
         prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        answers = tokenizer([answer_prefix + target for target in batch["target"]], add_special_tokens=False)["input_ids"]
+        targets = [answer_prefix + target for target in batch["target"]]
+        answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
         input_ids, labels = [], []
         for prompt, answer in zip(prompts, answers):
             prompt = (bos + prompt)[:max_source_length]

@@ -231,7 +231,7 @@ def test_example_script_trains_a_causal_base_model(tmp_path):
     assert config["stage"] == 2 and config["task_names"] == ["sst2", "agnews"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_alter_causal.AlterForCausalLM"
     results = json.loads((out / "eval_results.json").read_text())
-    assert set(results["stages"]) == {"1", "2"}
+    assert set(results["stages"]) == {"0", "1", "2"}  # zero-shot, stage 1, stage 2
 
 
 def test_quality_benchmark_runs_with_causal_backbones(tmp_path):
