@@ -572,7 +572,7 @@ def _pct(ms):
 
 def render(summary, pairs, per_seed, tasks, args):
     columns = [f"{t}/{m}" for t in tasks for m in TASKS[t][1]]
-    header = ["method", *columns, "**overall**", f"Δ vs full FT (paired)", "trainable params", "train tokens/s",
+    header = ["method", *columns, "**overall**", "Δ vs full FT (paired)", "trainable params", "train tokens/s",
               "steps to best (trained)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = per_seed[next(iter(per_seed))]

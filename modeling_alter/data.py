@@ -238,13 +238,23 @@ def _tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_length: in
 
 
 def _causal_tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
-                              prompt_separator: str, chat_template: bool):
+                              prompt_separator: str, chat_template: bool, add_bos: bool | None = None,
+                              answer_prefix: str = ""):
     """Decoder-only examples: `input_ids` = prompt + answer + EOS, `labels` = -100 on the prompt, the answer's ids
-    (and EOS) after it. The prompt is the source plus `prompt_separator` (after the tokenizer's BOS, if it has one),
-    or with `chat_template` the tokenizer's chat template over one user turn with the generation prompt."""
+    (and EOS) after it. The prompt is the source plus `prompt_separator` (after the tokenizer's BOS when `add_bos`,
+    which `None` means when the tokenizer has one), or with `chat_template` the tokenizer's chat template over one
+    user turn with the generation prompt. The answer is `answer_prefix` + the target."""
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; a decoder-only target must end with EOS.")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not chat_template else []
+    if add_bos not in (None, True, False):
+        raise ValueError(f"add_bos={add_bos!r} is not valid: expected True, False or None.")
+    if not isinstance(answer_prefix, str):
+        raise ValueError(f"answer_prefix={answer_prefix!r} is not valid: expected a string.")
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError(f"add_bos=True but {type(tokenizer).__name__} has no bos_token_id.")
+    if add_bos is None:
+        add_bos = tokenizer.bos_token_id is not None
+    bos = [tokenizer.bos_token_id] if add_bos and not chat_template else []
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         if chat_template:
@@ -253,7 +263,8 @@ def _causal_tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_len
         else:
             texts = [source + prompt_separator for source in batch["source"]]
         prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        answers = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
+        targets = [answer_prefix + target for target in batch["target"]]
+        answers = tokenizer(targets, add_special_tokens=False)["input_ids"]
         input_ids, labels = [], []
         for prompt, answer in zip(prompts, answers):
             prompt = (bos + prompt)[:max_source_length]
@@ -265,10 +276,13 @@ def _causal_tokenize_function(tokenizer: PreTrainedTokenizerBase, max_source_len
     return tokenize
 
 
-def _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template):
+def _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template,
+                   add_bos=None, answer_prefix=""):
     if decoder_only:
         return _causal_tokenize_function(tokenizer, max_source_length, max_target_length, prompt_separator,
-                                         chat_template)
+                                         chat_template, add_bos, answer_prefix)
+    if add_bos is not None or answer_prefix:
+        raise ValueError("add_bos and answer_prefix apply to decoder-only data only (decoder_only=True).")
     return _tokenize_function(tokenizer, max_source_length, max_target_length)
 
 
@@ -280,6 +294,8 @@ def build_multitask_dataset(
     decoder_only: bool = False,
     prompt_separator: str = "\n",
     chat_template: bool = False,
+    add_bos: bool | None = None,
+    answer_prefix: str = "",
     mixing: str = "proportional",
     temperature: float = 2.0,
     max_examples_per_task: int | None = None,
@@ -312,6 +328,12 @@ def build_multitask_dataset(
             false): `input_ids` is the prompt (source + `prompt_separator`, or the tokenizer's chat template with
             `chat_template=True`) followed by the target and EOS, and `labels` is -100 on the prompt, so the loss is
             on the answer tokens only. `max_source_length` bounds the prompt, `max_target_length` the answer + EOS.
+        add_bos: decoder-only: whether the prompt starts with the tokenizer's BOS (`None`: when it has one). To train
+            on the tokens that `tokenizer(prompt)` and `pipeline("text-generation")` give, pass whether the tokenizer
+            adds BOS itself (`tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]`).
+        answer_prefix: decoder-only: text put before every target in the answer, e.g. `" "` so that byte-level BPE
+            tokenizers (GPT-2, SmolLM2, Qwen) see the answer word as it follows `"Answer:"` in running text. The
+            metrics strip it (`target_text` stays the raw target).
 
     Returns:
         A `datasets.Dataset` with columns `input_ids`, `attention_mask`, `labels` and `task_ids`.
@@ -336,7 +358,8 @@ def build_multitask_dataset(
 
     mixed = concatenate_datasets(list(loaded.values())).select(indices)
     return mixed.map(
-        _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template),
+        _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator, chat_template,
+                       add_bos, answer_prefix),
         batched=True,
         remove_columns=["source", "target"],
         desc="Tokenizing multi-task data",
@@ -357,6 +380,8 @@ def build_eval_datasets(
     decoder_only: bool = False,
     prompt_separator: str = "\n",
     chat_template: bool = False,
+    add_bos: bool | None = None,
+    answer_prefix: str = "",
 ) -> dict[str, Dataset]:
     """Tokenize each task's evaluation data separately, in its original order (no mixing).
 
@@ -364,8 +389,8 @@ def build_eval_datasets(
         tasks, tokenizer, task_names, max_source_length, max_target_length, source_column, target_column,
         task_prefixes:
             as in `build_multitask_dataset`.
-        decoder_only, prompt_separator, chat_template: as in `build_multitask_dataset` (prompt + answer; the trainer
-            generates from the prompt, the tokens whose label is -100).
+        decoder_only, prompt_separator, chat_template, add_bos, answer_prefix: as in `build_multitask_dataset`
+            (prompt + answer; the trainer generates from the prompt, the tokens whose label is -100).
         max_examples_per_task: keep only the first this many examples of each task (None: all).
 
     Returns:
@@ -375,7 +400,7 @@ def build_eval_datasets(
     if max_examples_per_task is not None and max_examples_per_task <= 0:
         raise ValueError(f"max_examples_per_task must be a positive integer or None, got {max_examples_per_task!r}.")
     tokenize = _tokenizer_for(decoder_only, tokenizer, max_source_length, max_target_length, prompt_separator,
-                              chat_template)
+                              chat_template, add_bos, answer_prefix)
     eval_datasets = {}
     for name, dataset in _load_tasks(tasks, task_names, source_column, target_column, task_prefixes).items():
         if max_examples_per_task is not None:

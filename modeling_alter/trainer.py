@@ -20,6 +20,8 @@ trainer.evaluate()  # eval_qa_loss, eval_qa_token_f1, eval_nli_loss, eval_nli_ac
 ```
 """
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -170,6 +172,39 @@ def causal_prompts(inputs, pad_token_id) -> tuple[dict[str, torch.Tensor], int]:
     return {"input_ids": ids, "attention_mask": attention, **rest}, width
 
 
+def trim_causal_batch(inputs: dict) -> dict:
+    """A decoder-only training batch made cheaper at the language-model head, with the same loss and gradients.
+
+    `inputs` holds `input_ids`, `attention_mask` and `labels` `[batch, length]` (-100 on prompt and padding). Only the
+    positions that predict a label need logits, and the labels of prompt + answer examples sit at the end of the
+    sequence: with `k` = 1 + the number of positions from the first label of the batch to the end, the batch gets
+    `logits_to_keep=k` (the model's head then runs on the last `k` positions only) and `labels[:, -k:]`, which
+    `AlterForCausalLM.forward` shifts against those logits exactly as it shifts the full ones. With left padding every
+    answer ends at the last position, so `k` is the longest answer + 1; with right padding `k` also spans the
+    shorter rows' prompt ends and padding (still exact, less saved). A batch without `attention_mask`, labels,
+    `input_ids`, with `logits_to_keep` or `position_ids` already set, or whose labels start at position 0, is
+    returned unchanged.
+
+    It also adds `position_ids` counted from each row's first attended token (`attention_mask.cumsum(-1) - 1`), the
+    positions `generate` gives left-padded prompts, so that a left-padded training row and the same prompt at
+    generation see the same positions (right padding: unchanged positions for every token).
+    """
+    labels, mask = inputs.get("labels"), inputs.get("attention_mask")
+    if labels is None or mask is None or inputs.get("input_ids") is None or labels.dim() != 2:
+        return inputs
+    if "logits_to_keep" in inputs or "position_ids" in inputs:
+        return inputs
+    has_label = labels != -100
+    if not bool(has_label.any()):
+        return inputs
+    first = int(has_label.any(0).int().argmax())  # the first position that holds a label in any row
+    if first == 0:
+        return inputs
+    keep = labels.shape[1] - first + 1
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {**inputs, "labels": labels[:, -keep:], "logits_to_keep": keep, "position_ids": position_ids}
+
+
 class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
     r"""
     A [`Seq2SeqTrainer`] for [`AlterForConditionalGeneration`] that trains both stages in one `train()` call and
@@ -184,7 +219,9 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
     - **Loss**: the model's loss (cross-entropy summed over label tokens and divided by the number of label tokens of
       the whole accumulated batch, so gradient accumulation keeps the loss scale, plus `router_aux_loss_coef` times the
       router's load-balancing loss in stage 2). Training logs carry `aux_loss` (the unweighted auxiliary loss) and
-      `stage`.
+      `stage`. A decoder-only model's training batches go through `trim_causal_batch`: the language-model head runs
+      only on the trailing positions that predict labels (`logits_to_keep`), with the same loss; left-pad the
+      training batches (`tokenizer.padding_side = "left"`) for the largest saving.
     - **Evaluation**: with a dict `{task: dataset}` as evaluation set, `evaluate()` reports per task
       `{prefix}_{task}_loss` and `{prefix}_{task}_{metric}` (the metric named by `task_metrics[task]`, default
       `exact_match`, computed on `model.generate(..., task_ids=...)` outputs against the dataset's `target_text`
@@ -326,6 +363,8 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
             "decoder_inputs_embeds" not in inputs
         ):
             inputs = {**inputs, "decoder_input_ids": self.alter_model.prepare_decoder_input_ids_from_labels(labels)}
+        if model.training and not self.alter_model.config.is_encoder_decoder and not takes_labels:
+            inputs = trim_causal_batch(inputs)  # the head only where labels are (same loss and gradients)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         coef = self.alter_model.config.router_aux_loss_coef
         aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
@@ -372,7 +411,9 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         # A decoder-only model's inputs hold prompt + answer: generation must start from the prompt alone (below).
         causal = not self.alter_model.config.is_encoder_decoder and "labels" in inputs
         if not causal and (collector is None or "task_ids" not in inputs or "labels" not in inputs):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+            with self._generation_config_kept():
+                return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys,
+                                               **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         collect = collector is not None and "task_ids" in inputs
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -402,12 +443,27 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
             if gen_kwargs.get("max_new_tokens") is None and gen_kwargs.get("max_length") is not None:
                 # For a decoder-only model `generation_max_length` bounds the answer, as for an encoder-decoder.
                 gen_kwargs["max_new_tokens"] = gen_kwargs.pop("max_length")
-        _, generated_tokens, _ = super().prediction_step(
-            model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
-        )
+        with self._generation_config_kept():
+            _, generated_tokens, _ = super().prediction_step(
+                model, generation_inputs, prediction_loss_only=False, ignore_keys=ignore_keys, **gen_kwargs
+            )
         if causal:  # the left-padded prompt comes back in front of the answer
             generated_tokens = generated_tokens[:, width:]
         return loss, generated_tokens, labels
+
+    @contextlib.contextmanager
+    def _generation_config_kept(self):
+        """`Seq2SeqTrainer.prediction_step` fills the model's `generation_config` with Transformers' defaults
+        (`max_length=20`, ...) after generating, which then warns on every later `generate(max_new_tokens=...)` and is
+        saved with the model: evaluation leaves the model's generation config as it found it."""
+        model = self.model
+        saved = copy.deepcopy(getattr(model, "generation_config", None))
+        try:
+            yield
+        finally:
+            if saved is not None:
+                saved._from_model_config = False  # as Seq2SeqTrainer leaves it: not rebuilt from the config per batch
+                model.generation_config = saved
 
     def _decode(self, token_ids) -> list[str]:
         tokenizer = self.processing_class
@@ -551,4 +607,5 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         return stats
 
 
-__all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "mta_module_labels"]
+__all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "mta_module_labels",
+           "trim_causal_batch"]

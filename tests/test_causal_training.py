@@ -11,7 +11,7 @@ from causal_utils import tiny_causal_lm
 from modeling_alter import AlterForCausalLM
 from modeling_alter.data import MultiTaskDataCollator, build_eval_datasets, build_multitask_dataset
 from modeling_alter.synthetic_tasks import make_synthetic_tasks
-from modeling_alter.trainer import AlterTrainer, causal_prompts, mta_module_labels
+from modeling_alter.trainer import AlterTrainer, causal_prompts, mta_module_labels, trim_causal_batch
 
 
 def causal_data(num_train_per_task=16, num_eval_per_task=4):
@@ -58,6 +58,89 @@ def test_causal_prompts_left_pads_the_prompt_of_each_row():
         source = tok.decode(inputs["input_ids"][i, width - n:])
         assert source in ("abcd", "a") and inputs["attention_mask"][i, :width - n].sum() == 0
     assert torch.equal(inputs["task_ids"], batch["task_ids"]) and "labels" not in inputs
+
+
+def test_bos_and_answer_prefix_of_decoder_only_examples():
+    from causal_utils import tiny_causal_lm  # noqa: F401  (the tokenizer below is what matters)
+    from test_causal_prefix_routing import bos_tokenizer
+
+    tok = bos_tokenizer()  # starts every input with BOS itself
+    rows = {"copy": [{"source": "ab", "target": "xy"}]}
+    prompt = tok("ab\nA:", add_special_tokens=False)["input_ids"]
+    answer = tok(" xy", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    default = build_multitask_dataset(rows, tok, TRAIN_TASKS, decoder_only=True, prompt_separator="\nA:")[0]
+    assert default["input_ids"][0] == tok.bos_token_id  # None: the tokenizer's BOS when it has one (as before)
+    without = build_multitask_dataset(rows, tok, TRAIN_TASKS, decoder_only=True, prompt_separator="\nA:",
+                                      add_bos=False, answer_prefix=" ")[0]
+    assert without["input_ids"] == prompt + answer and without["labels"] == [-100] * len(prompt) + answer
+    evaluation = build_eval_datasets(rows, tok, TRAIN_TASKS, decoder_only=True, prompt_separator="\nA:",
+                                     add_bos=True, answer_prefix=" ")["copy"][0]
+    assert evaluation["input_ids"] == [tok.bos_token_id] + prompt + answer and evaluation["target_text"] == "xy"
+    # the prompt is what the tokenizer itself gives (a pipeline's input), BOS included
+    assert evaluation["input_ids"][: len(prompt) + 1] == tok("ab\nA:")["input_ids"]
+    with pytest.raises(ValueError, match="add_bos=True"):
+        build_multitask_dataset(rows, tokenizer(), TRAIN_TASKS, decoder_only=True, add_bos=True)  # ByT5: no BOS
+    with pytest.raises(ValueError, match="add_bos='yes'"):
+        build_multitask_dataset(rows, tok, TRAIN_TASKS, decoder_only=True, add_bos="yes")
+    with pytest.raises(ValueError, match="decoder-only"):
+        build_multitask_dataset(rows, tokenizer(), TRAIN_TASKS, answer_prefix=" ")
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_trimmed_head_gives_the_same_loss_and_gradients(padding_side):
+    """`trim_causal_batch` keeps only the trailing positions that predict labels: same loss, same gradients."""
+    tok = tokenizer()
+    tok.padding_side = padding_side
+    rows = {"copy": [{"source": "a" * n, "target": "xyz"[: 1 + n % 3]} for n in (3, 9, 5, 12)]}
+    data = build_multitask_dataset(rows, tok, TRAIN_TASKS, decoder_only=True, mixing="uniform", num_examples=4)
+    batch = MultiTaskDataCollator(tok)([data[i] for i in range(4)])
+    model = causal_model("llama")
+    with torch.no_grad():  # adapters that change the outputs
+        for mta in model.mta_modules().values():
+            mta.task_up.normal_(0, 0.3)
+    trimmed = trim_causal_batch(batch)
+    width = batch["input_ids"].shape[1]
+    keep = trimmed["logits_to_keep"]
+    first = int((batch["labels"] != -100).any(0).int().argmax())
+    assert keep == width - first + 1 and trimmed["labels"].shape == (4, keep)
+    if padding_side == "left":  # every answer ends at the last position: the longest answer + EOS, plus one
+        assert keep == max(int((row != -100).sum()) for row in batch["labels"]) + 1
+    positions = trimmed["position_ids"]
+    for i in range(4):  # counted from each row's first token, as generate counts them
+        n = int(batch["attention_mask"][i].sum())
+        real = batch["attention_mask"][i].bool()
+        assert positions[i][real].tolist() == list(range(n))
+    losses, grads = [], []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model(**trimmed).logits.shape[1] == keep
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    # nothing to trim: labels from position 0, no labels, or logits_to_keep already chosen
+    assert trim_causal_batch({**batch, "labels": batch["input_ids"]})["labels"] is batch["input_ids"]
+    assert "logits_to_keep" not in trim_causal_batch({k: v for k, v in batch.items() if k != "labels"})
+    assert trim_causal_batch({**batch, "logits_to_keep": 2})["logits_to_keep"] == 2
+
+
+def test_trainer_trims_the_head_of_decoder_only_training_batches(tmp_path):
+    train_set, _ = causal_data()
+    model = causal_model()
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1], module.training))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    AlterTrainer(model=model, args=tiny_args(tmp_path, max_steps=2, stage1_steps=1), train_dataset=train_set,
+                 processing_class=tokenizer()).train()
+    training = [(keep, width) for keep, width, is_training in seen if is_training]
+    assert len(training) == 2 and all(0 < keep < width for keep, width in training), training
 
 
 @pytest.mark.parametrize("model_type", ["qwen2"])  # Llama trains in the resume test
@@ -148,7 +231,7 @@ def test_example_script_trains_a_causal_base_model(tmp_path):
     assert config["stage"] == 2 and config["task_names"] == ["sst2", "agnews"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_alter_causal.AlterForCausalLM"
     results = json.loads((out / "eval_results.json").read_text())
-    assert set(results["stages"]) == {"1", "2"}
+    assert set(results["stages"]) == {"0", "1", "2"}  # zero-shot, stage 1, stage 2
 
 
 def test_quality_benchmark_runs_with_causal_backbones(tmp_path):

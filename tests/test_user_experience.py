@@ -171,16 +171,22 @@ def test_short_help_puts_alter_options_first_and_names_base_model_defaults(examp
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert len(text.splitlines()) < 200
-    order = [text.index(option) for option in ("--base_model", "--train_files", "--stage1_steps", "--max_steps")]
+    order = [text.index(f"\n  {option}\n") for option in ("--base_model", "--train_files", "--stage1_steps",
+                                                            "--max_steps")]
     assert order == sorted(order)
     assert "--help-all" in text and "--adam_beta1" not in text
     assert "--stage1_steps\n        " in text
     text = " ".join(text.split())
-    assert "default: 1100; with --base_model: None" in text
-    assert "default: 0.002; with --base_model: 0.0003" in text
+    assert "default: 100; with --train_files: None; with --synthetic: 1100" in text  # --stage1_steps
+    assert "default: 0.0001; with --train_files: 0.0003; with --synthetic: 0.002" in text  # --learning_rate
+    assert "(default: 3.0)" in text  # --num_train_epochs: the same in every job
     with pytest.raises(SystemExit):
-        example.parse_arguments(["--base_model", "x", "--help"])
-    assert "default with --base_model: 0.0003; without: 0.002" in " ".join(capsys.readouterr().out.split())
+        example.parse_arguments(["--synthetic", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "here (with --synthetic): 0.002; default: 0.0001; with --train_files: 0.0003; with --synthetic: 0.002" in text
+    with pytest.raises(SystemExit):
+        example.parse_arguments(["--train_files", "a=b.jsonl", "--help"])
+    assert "here (with --train_files): 0.0003; default: 0.0001" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         example.parse_arguments(["--help-all"])
     assert "--adam_beta1" in capsys.readouterr().out
