@@ -708,7 +708,8 @@ def run(argv: list[str], progress: dict | None = None) -> dict:
     )
     progress["training"] = True
     results = {"task_metrics": evaluated_metrics}
-    floor = majority_floor(train_specs, eval_datasets, evaluated_metrics, data_args) if eval_datasets else None
+    pretrained = eval_datasets and model_args.base_model is not None  # from scratch: nothing to score before
+    floor = majority_floor(train_specs, eval_datasets, evaluated_metrics, data_args) if pretrained else None
     zero_shot = None
     if eval_datasets and model_args.base_model is not None and data_args.eval_zero_shot:
         zero_shot = trainer.evaluate()  # the pretrained model (task adapters start at zero: it computes the same)
