@@ -10,8 +10,9 @@ PAGE = Path(__file__).resolve().parents[1] / "docs" / "training-with-trl.md"
 
 
 def runnable_blocks(text):
-    """The ```python blocks of a page, except those marked ```python notest."""
-    return [m.group(1) for m in re.finditer(r"```python\n(.*?)```", text, flags=re.S)]
+    """The ```python blocks of a page, except those with a `<!-- not-run: ... -->` line above them."""
+    return [m.group(2) for m in re.finditer(r"(<!-- not-run:[^\n]*-->\n)?```python\n(.*?)```", text, flags=re.S)
+            if not m.group(1)]
 
 
 def test_training_with_trl_page_runs(tmp_path):
