@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -52,6 +51,8 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import mean_std  # noqa: E402  (the budget benchmark's summary)
+from benchmarks.quality_converged import SeedResults  # noqa: E402  (per-seed results written after every method)
 from modeling_alter import AlterForCausalLM  # noqa: E402
 from modeling_alter.data import load_task_data  # noqa: E402
 from modeling_alter.metrics import compute_metric  # noqa: E402
@@ -431,21 +432,6 @@ def train_to_plateau(method, data, args, seed, label, max_steps, every, step_off
 # One seed
 
 
-class SeedResults(dict):
-    """One seed's method -> result, written atomically after every method (so `--resume` keeps finished methods)."""
-
-    def __init__(self, path: Path, resume: bool):
-        super().__init__(json.loads(path.read_text()) if resume and path.is_file() else {})
-        self.path = path
-
-    def __setitem__(self, method, result):
-        super().__setitem__(method, result)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(dict(self), indent=1))
-        os.replace(partial, self.path)
-
-
 def _result(method, data, args, record=None, routing="task_ids", **extra):
     start = time.perf_counter()
     scores = generate_scores(method, data, "eval", args, routing)
@@ -524,11 +510,6 @@ def run_alter(args, seed, data, results, frozen_dtype):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Summary
-
-
-def mean_std(values):
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def summarize(per_seed, tasks):

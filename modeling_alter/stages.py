@@ -34,7 +34,6 @@ import json
 import math
 import os
 
-import torch
 from transformers.optimization import get_scheduler
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
