@@ -114,7 +114,7 @@ def test_clean_process_loads_the_folder_through_auto_classes(tmp_path):
         generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    task_ids=model.task_ids(["topic"] * 4), max_new_tokens=4, num_beams=2)
     assert out["model_type"] == "alter"
-    torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=0)  # a separate process may pick other CPU kernels (threads)
     assert torch.equal(out["generated"], generated)
 
 
@@ -183,4 +183,4 @@ def test_a_folder_published_before_task_lifecycle_py_still_loads(tmp_path):
     out = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         expected = model(**batch, task_ids=model.task_ids(["reverse", "topic", "sentiment", "topic"])).logits
-    torch.testing.assert_close(out["logits"], expected, atol=0, rtol=0)
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=0)  # another process: other CPU kernel choices
