@@ -23,8 +23,10 @@ Protocol, the same for every method and seed:
   with a frozen backbone (adapters only, stage 1), set against LoRA.
 
 Results go to `--output_dir` (default `benchmarks/results/quality_smollm2`): `runs/seed{N}.json` after every method
-(`--resume` trains only what is missing), `results.json`, `results.md` and `curves.png`. Best stage-1 ALTER weights
-(for stage 2 after a resume) go to `--work_dir` (default `$ALTER_CACHE/runs/quality_smollm2`).
+(`--resume` trains only what is missing), `results.json`, `results.md` and `curves.png`. `--work_dir` (default
+`$ALTER_CACHE/runs/quality_smollm2`) holds the best stage-1 ALTER weights (for stage 2 after a resume) and, while a
+method trains, its state at the last dev evaluation (`seed{N}/{method}.pt`), so an interrupted run continues mid-method
+with `--resume`.
 
 ```bash
 python benchmarks/quality_smollm2.py                          # the full grid, hours; resumable with --resume
@@ -36,6 +38,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -101,7 +104,7 @@ def parse_arguments(argv=None):
     add("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--data_seed", type=int, default=0)
-    add("--num_train_per_task", type=int, default=500)
+    add("--num_train_per_task", type=int, default=1000)
     add("--num_dev_per_task", type=int, default=40)
     add("--num_eval_per_task", type=int, default=300)
     add("--max_source_tokens", type=int, default=256, help="Sources are cut to this many tokens.")
@@ -375,20 +378,37 @@ def generate_scores(method, data, split, args, routing="task_ids"):
     return scores
 
 
-def train_to_plateau(method, data, args, seed, label, max_steps, every, step_offset=0, examples_offset=0):
+def train_to_plateau(method, data, args, seed, label, max_steps, every, checkpoint, step_offset=0, examples_offset=0):
     """Trains `method` until the dev mean score stops improving; leaves the best weights in the model. Returns the
-    run's record: best dev score and step, steps trained, learning curve, seconds, tokens/s."""
+    run's record: best dev score and step, steps trained, learning curve, seconds, tokens/s.
+
+    After every dev evaluation the run's state (trainable weights, best trainable weights, optimizer, counters) is
+    written atomically to `checkpoint`; a later call with the same arguments continues from it (the batches of an
+    epoch are a function of seed and epoch, so the resumed run sees the batches the uninterrupted one would have).
+    The caller deletes the checkpoint once the method's result is recorded (`finish_checkpoint`)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(method.groups, weight_decay=0.0)
     peaks = [g["lr"] for g in method.groups]
-    params = [p for g in method.groups for p in g["params"]]
-    best, best_step, bad, best_state, curve = -1.0, 0, 0, None, []
-    step, epoch, train_seconds, eval_seconds, tokens = 0, 0, 0.0, 0.0, 0
-    bar = tqdm(total=max_steps, desc=label, dynamic_ncols=True, mininterval=10)
-    stop = False
+    named = {n: p for n, p in method.module.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    state = dict(best=-1.0, best_step=0, bad=0, curve=[], dev_per_task=[], step=0, epoch=0, batch=0,
+                 train_seconds=0.0, eval_seconds=0.0, tokens=0, done=False)
+    best_state = None
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state, best_state = saved["state"], saved["best_state"]
+        _copy_into(named, saved["weights"])
+        optimizer.load_state_dict(saved["optimizer"])
+        tqdm.write(f"[{label}] resumed from {checkpoint} at step {step_offset + state['step']}")
+    step, epoch, tokens = state["step"], state["epoch"], state["tokens"]
+    bar = tqdm(total=max_steps, initial=step, desc=label, dynamic_ncols=True, mininterval=10)
+    stop = state["done"] or step >= max_steps
     with head_only_at_answers(method) as head:
         while not stop:
-            for rows in data.train_batches(seed, epoch):
+            for index, rows in enumerate(data.train_batches(seed, epoch)):
+                if index < state["batch"]:
+                    continue
                 start = time.perf_counter()
                 for group, peak in zip(optimizer.param_groups, peaks):
                     group["lr"] = peak * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -399,33 +419,64 @@ def train_to_plateau(method, data, args, seed, label, max_steps, every, step_off
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += n_tokens
-                train_seconds += time.perf_counter() - start
+                state["train_seconds"] += time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{100 * max(best, 0):.1f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{100 * max(state['best'], 0):.1f}")
                 if step % every == 0 or step == max_steps:
                     start = time.perf_counter()
                     method.lm.lm_head = head
-                    score = generate_scores(method, data, "dev", args)["mean"]
-                    if score > best + args.min_delta:
-                        best, best_step, bad = score, step, 0
-                        best_state = {k: v.detach().clone() for k, v in method.module.state_dict().items()}
-                    else:
-                        bad += 1
+                    dev = generate_scores(method, data, "dev", args)
                     method.lm.lm_head = nn.Identity()
-                    eval_seconds += time.perf_counter() - start
-                    curve.append(((examples_offset + step * args.batch_size), score))
-                    tqdm.write(f"[{label}] step {step_offset + step}: dev {100 * score:.1f} (best {100 * best:.1f} "
-                               f"at {step_offset + best_step})")
-                    if bad >= args.patience:
-                        stop = True
+                    score = dev["mean"]
+                    if score > state["best"] + args.min_delta:
+                        state.update(best=score, best_step=step, bad=0)
+                        best_state = {n: p.detach().clone() for n, p in named.items()}
+                    else:
+                        state["bad"] += 1
+                    state["eval_seconds"] += time.perf_counter() - start
+                    state["curve"].append(((examples_offset + step * args.batch_size), score))
+                    state["dev_per_task"].append([step_offset + step] + [dev[t][TASKS[t][1][0]] for t in data.tasks])
+                    tqdm.write(f"[{label}] step {step_offset + step}: dev {100 * score:.1f} (best "
+                               f"{100 * state['best']:.1f} at {step_offset + state['best_step']}); " + " ".join(
+                                   f"{t} {100 * v:.0f}" for t, v in zip(data.tasks, state["dev_per_task"][-1][1:])))
+                    stop = state["bad"] >= args.patience or step >= max_steps
+                    state.update(step=step, epoch=epoch, batch=index + 1, tokens=tokens, done=stop)
+                    _save_checkpoint(checkpoint, state, best_state, named, optimizer)
                 if stop or step >= max_steps:
                     stop = True
                     break
-            epoch += 1
+            else:
+                epoch += 1
+                state["batch"] = 0
     bar.close()
-    method.module.load_state_dict(best_state)
-    return dict(best_dev=best, best_step=best_step, steps_trained=step, curve=curve, train_seconds=train_seconds,
-                eval_seconds=eval_seconds, tokens_per_second=tokens / max(train_seconds, 1e-9), epochs=epoch)
+    _copy_into(named, best_state)
+    return dict(best_dev=state["best"], best_step=state["best_step"], steps_trained=step, curve=state["curve"],
+                dev_per_task=state["dev_per_task"], train_seconds=state["train_seconds"],
+                eval_seconds=state["eval_seconds"], tokens_per_second=tokens / max(state["train_seconds"], 1e-9),
+                epochs=epoch + 1)
+
+
+@torch.no_grad()
+def _copy_into(named, weights):
+    for name, parameter in named.items():
+        parameter.copy_(weights[name])
+
+
+def _save_checkpoint(path, state, best_state, named, optimizer):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save(dict(state=state, best_state=best_state, weights={n: p.detach() for n, p in named.items()},
+                    optimizer=optimizer.state_dict()), partial)
+    os.replace(partial, path)
+
+
+def checkpoint_path(args, seed, name):
+    """Where method `name` of `seed` keeps its resumable training state while it trains."""
+    return Path(args.work_dir) / f"seed{seed}" / f"{name}.pt"
+
+
+def finish_checkpoint(args, seed, name):
+    checkpoint_path(args, seed, name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -455,8 +506,10 @@ def run_seed(args, seed, data, results: SeedResults):
         elif name in args.methods and name not in results:
             set_seed(seed)
             method = build_method(args, name, tasks, data.tokenizer, frozen_dtype)
-            record = train_to_plateau(method, data, args, seed, f"seed {seed} {name}", args.max_steps, args.eval_every)
+            record = train_to_plateau(method, data, args, seed, f"seed {seed} {name}", args.max_steps, args.eval_every,
+                                      checkpoint_path(args, seed, name))
             results[name] = _result(method, data, args, record, **method.extra)
+            finish_checkpoint(args, seed, name)
             del method
     if "zero_shot" in args.methods and "zero_shot" not in results:
         base = load_backbone(args, frozen_dtype).eval()
@@ -481,9 +534,10 @@ def run_alter(args, seed, data, results, frozen_dtype):
         set_seed(seed)
         method = build_method(args, "alter_stage1", tasks, data.tokenizer, frozen_dtype)
         record = train_to_plateau(method, data, args, seed, f"seed {seed} alter_stage1", args.max_steps,
-                                  args.eval_every)
+                                  args.eval_every, checkpoint_path(args, seed, "alter_stage1"))
         method.module.save_pretrained(work)
         results["alter_stage1"] = _result(method, data, args, record)
+        finish_checkpoint(args, seed, "alter_stage1")
     if not stage2:
         return
     alter = method.module
@@ -497,7 +551,8 @@ def run_alter(args, seed, data, results, frozen_dtype):
     steps = max(args.stage2_eval_every, math.floor(args.stage2_budget * stage1["steps_trained"]))
     set_seed(seed + 1000)
     record = train_to_plateau(method, data, args, seed + 1000, f"seed {seed} alter stage 2", steps,
-                              args.stage2_eval_every, step_offset=stage1["steps_trained"],
+                              args.stage2_eval_every, checkpoint_path(args, seed, "alter_stage2"),
+                              step_offset=stage1["steps_trained"],
                               examples_offset=stage1["steps_trained"] * args.batch_size)
     record.update(stage1_best_step=stage1["best_step"], stage1_steps_trained=stage1["steps_trained"],
                   stage2_steps_cap=steps, stage1_train_seconds=stage1["train_seconds"])
@@ -506,6 +561,7 @@ def run_alter(args, seed, data, results, frozen_dtype):
         results["alter_prefix"] = _result(method, data, args, record, routing="prefix")
     if "alter_gate_only" in args.methods:
         results["alter_gate_only"] = _result(method, data, args, record, routing="gate")
+    finish_checkpoint(args, seed, "alter_stage2")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

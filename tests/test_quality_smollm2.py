@@ -91,3 +91,46 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
         tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
+
+
+def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch):
+    """Killed after its first dev evaluation, a method continues from its checkpoint and ends with the weights,
+    curve and step count of the uninterrupted run; the checkpoint is gone once the result is recorded."""
+    args = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path))
+    args.patience = 9  # no early stop: 6 steps, dev evaluations at 2, 4 and 6
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    data = quality_smollm2.TaskData(args, tokenizer)
+    checkpoint = quality_smollm2.checkpoint_path(args, 0, "full_ft")
+
+    def train(max_steps_before_crash=None):
+        torch.manual_seed(0)
+        method = quality_smollm2.build_method(args, "full_ft", data.tasks, tokenizer, torch.bfloat16)
+        real = quality_smollm2.generate_scores
+        calls = []
+
+        def crashing(*a, **k):
+            calls.append(1)
+            if max_steps_before_crash is not None and len(calls) > max_steps_before_crash:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(quality_smollm2, "generate_scores", crashing)
+        try:
+            record = quality_smollm2.train_to_plateau(method, data, args, 0, "test", 6, 2, checkpoint)
+        finally:
+            monkeypatch.setattr(quality_smollm2, "generate_scores", real)
+        return method, record
+
+    straight, straight_record = train()
+    checkpoint.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        train(max_steps_before_crash=1)  # the second dev evaluation (step 4) never happens
+    assert torch.load(checkpoint, weights_only=False)["state"]["step"] == 2
+    resumed, resumed_record = train()
+    assert resumed_record["steps_trained"] == straight_record["steps_trained"] == 6
+    assert [s for _, s in resumed_record["curve"]] == pytest.approx([s for _, s in straight_record["curve"]])
+    for (name, a), (_, b) in zip(straight.module.named_parameters(), resumed.module.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+    quality_smollm2.finish_checkpoint(args, 0, "full_ft")
+    assert not checkpoint.exists()
