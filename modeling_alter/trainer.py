@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
-from transformers.trainer_utils import speed_metrics
+from torch.utils.data import SequentialSampler
+from transformers.trainer_utils import has_length, speed_metrics
 
 from .callback import StageSwitchCallback, validate_stage_arguments
 from .console import install_console
@@ -395,6 +396,15 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         super().log(logs, start_time)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation batches in the dataset's order. Per-task scores pair the generations with the dataset's
+        `target_text` column, and Transformers 5 also groups evaluation batches by length (a shuffled order) when
+        `train_sampling_strategy="group_by_length"`; with several processes, Accelerate's sharding keeps the order and
+        `gather_for_metrics` restores it."""
+        if eval_dataset is None or not has_length(eval_dataset):
+            return None
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def _new_routing_statistics(self) -> RoutingStatistics:
         model = self.alter_model

@@ -257,3 +257,26 @@ def test_callback_and_arguments_merge_or_disagree_clearly(tmp_path, data):
                      processing_class=tokenizer(), callbacks=[StageSwitchCallback(stage1_steps=2)])
     with pytest.raises(ValueError, match="Seq2SeqTrainingArguments"):
         AlterTrainer(model=alter_model(), args=object())
+
+
+def test_per_task_scores_pair_each_generation_with_its_own_reference_when_grouping_by_length(tmp_path, monkeypatch):
+    """Transformers 5 also groups evaluation batches by length (a shuffled order) under
+    `train_sampling_strategy="group_by_length"`, while per-task scores read the references from the dataset's
+    `target_text` column: AlterTrainer evaluates in the dataset's order, so the generations and references scored
+    are the same pairs as without grouping (before, they were misaligned and the main job scored at chance)."""
+    import modeling_alter.trainer as trainer_module
+
+    _, eval_sets = tiny_data(num_train_per_task=4, num_eval_per_task=24)
+    alter = AlterForConditionalGeneration.from_t5(tiny_t5(), task_names=TRAIN_TASKS, adapter_dim=8)
+    scored = []
+    real = trainer_module.compute_metric
+    monkeypatch.setattr(trainer_module, "compute_metric", lambda metric, predictions, references: (
+        scored.append(list(zip(predictions, references))), real(metric, predictions, references))[1])
+    for grouping in ({}, dict(train_sampling_strategy="group_by_length")):
+        args = AlterTrainingArguments(str(tmp_path), **{**COMMON, "per_device_eval_batch_size": 4, **grouping},
+                                      predict_with_generate=True, save_routing_heatmap=False)
+        AlterTrainer(model=alter, args=args, eval_dataset=eval_sets, processing_class=tokenizer()).evaluate()
+    plain, grouped = scored[: len(eval_sets)], scored[len(eval_sets):]
+    assert len({prediction for pairs in plain for prediction, _ in pairs}) > 1  # the order is visible in the outputs
+    assert grouped == plain
+    assert [reference for _, reference in plain[0]] == list(next(iter(eval_sets.values()))["target_text"])
