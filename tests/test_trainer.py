@@ -183,6 +183,26 @@ def test_per_task_evaluation_metrics(tmp_path):
     assert "eval_loss" in single and "eval_mean_score" not in single
 
 
+def test_per_task_evaluation_shows_one_bar_over_every_tasks_batches(tmp_path, monkeypatch):
+    """One progress bar for the whole evaluation, its total known from the start (not raised task by task)."""
+    from modeling_alter.console import AlterProgressCallback
+
+    _, eval_sets = tiny_data()  # 3 tasks x 4 rows: 2 batches of 3 each
+    trainer = AlterTrainer(model=tiny_model(), args=tiny_args(tmp_path, disable_tqdm=False, per_device_eval_batch_size=3),
+                           eval_dataset=eval_sets, processing_class=tokenizer())
+    seen = []
+    original = AlterProgressCallback.on_prediction_step
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append((self.prediction_bar.n, self.prediction_bar.total))
+
+    monkeypatch.setattr(AlterProgressCallback, "on_prediction_step", record)
+    trainer.evaluate()
+    assert seen == [(n, 6) for n in range(1, 7)]
+    assert next(c for c in trainer.callback_handler.callbacks if isinstance(c, AlterProgressCallback)).prediction_bar is None
+
+
 def test_stage1_evaluation_at_switch_heatmap_and_checkpoint_stage(tmp_path):
     trainer, recorder = make_trainer(
         tmp_path, max_steps=4, stage1_steps=2, eval_on_stage_switch=True, save_routing_heatmap=True,
