@@ -314,6 +314,17 @@ class AlterStagesMixin:
         self.stage_callback.report_switch()
         return result
 
+    def _save(self, output_dir=None, state_dict=None):
+        """`Trainer._save` without Transformers' "Writing model shards" progress bar: the trainer shows its own, and a
+        bar opened under the training bar (checkpoints) writes cursor-up characters into logs."""
+        if not logging.is_progress_bar_enabled():
+            return super()._save(output_dir, state_dict)
+        logging.disable_progress_bar()
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            logging.enable_progress_bar()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         """
         The base trainer's `compute_loss`; when the model's `forward` was replaced by one that computes the loss from

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         adapter_dim=8, decoder_start_token_id=tok.pad_token_id))
     args = AlterTrainingArguments(
         "out", max_steps=6, stage1_steps=4, logging_steps=2, per_device_train_batch_size=8, generation_max_length=8,
-        report_to="none", save_strategy="no", disable_tqdm=sys.argv[1] == "no-bars")
+        report_to="none", save_strategy="steps", save_steps=3, disable_tqdm=sys.argv[1] == "no-bars")
     trainer = AlterTrainer(model=model, args=args, processing_class=tok,
                            train_dataset=build_multitask_dataset(train, tok, tasks),
                            eval_dataset=build_eval_datasets(evaluation, tok, tasks),
@@ -53,6 +53,7 @@ def test_training_prints_lines_tables_and_one_summary_not_dicts(tmp_path, mode):
     both = stdout + stderr
     assert "{'" not in both, both[-3000:]  # no metric dictionary, training or evaluation
     assert "\x1b[A" not in both, "a nested bar's cursor movements in a log file"
+    assert "Writing model shards" not in both  # the checkpoints at steps 3 and 6 save without a bar of their own
     lines = stdout.splitlines()
     steps = [line for line in lines if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"], steps
