@@ -75,7 +75,7 @@ from modeling_alter.console import per_task_table  # noqa: E402
 from modeling_alter.metrics import METRICS, compute_metric  # noqa: E402
 from modeling_alter.packaged_models import PackagedModelError, is_packaged_model_name, resolve_model_path  # noqa: E402
 from modeling_alter.synthetic_tasks import default_metric_for_task, make_synthetic_tasks  # noqa: E402
-from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments  # noqa: E402
+from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments, has_accelerator  # noqa: E402
 
 
 logger = logging.getLogger("train_two_stage")
@@ -86,19 +86,12 @@ MAIN_TASKS = {"sst2": "accuracy", "agnews": "accuracy", "trec": "accuracy", "emo
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"  # a packaged model (modeling_alter.packaged_models)
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 def fast_bf16() -> bool:
     """Whether bf16 autocast is the fast choice here: a CUDA device with bf16, or (with no accelerator) a CPU with
     bf16 matrix units (AVX512-BF16 or AMX; elsewhere bf16 runs slower than fp32 on a CPU)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    if _has_accelerator():
+    if has_accelerator():
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -127,7 +120,7 @@ MAIN_DEFAULTS = {
     "per_device_eval_batch_size": 50,
     **GROUP_BY_LENGTH,
     "bf16": BF16,
-    "use_cpu": BF16 and not _has_accelerator(),  # Trainer runs bf16 on a CPU only when told to use it
+    "use_cpu": BF16 and not has_accelerator(),  # Trainer runs bf16 on a CPU only when told to use it
     "generation_max_length": 5,
     "logging_steps": 10,
     "save_strategy": "no",

@@ -138,7 +138,9 @@ def _alter_setting(args, name):
     return getattr(args, name, AlterTrainingArguments.__dataclass_fields__[name].default)
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether PyTorch sees an accelerator (CUDA, XPU, MPS, ...): `torch.accelerator.is_available()`, or
+    `torch.cuda.is_available()` on a PyTorch older than 2.6, which has no `torch.accelerator`."""
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
@@ -279,7 +281,7 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
                 "AlterTrainer needs AlterTrainingArguments, or Seq2SeqTrainingArguments with the stage settings in a "
                 f"StageSwitchCallback, got {type(args).__name__}."
             )
-        if args.dataloader_pin_memory and not _has_accelerator():
+        if args.dataloader_pin_memory and not has_accelerator():
             # Pinned memory only speeds up copies to an accelerator; without one, PyTorch warns on every run.
             args.dataloader_pin_memory = False
         alter = unwrap_alter_model(model) if model is not None else None
@@ -621,5 +623,5 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
         return stats
 
 
-__all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "mta_module_labels",
-           "trim_causal_batch"]
+__all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "has_accelerator",
+           "mta_module_labels", "trim_causal_batch"]
