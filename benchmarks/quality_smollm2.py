@@ -506,7 +506,8 @@ def _result(method, data, args, record=None, routing="task_ids", **extra):
     start = time.perf_counter()
     scores = generate_scores(method, data, "eval", args, routing)
     return dict(record or {}, scores=scores, overall=scores["mean"], eval_seconds_final=time.perf_counter() - start,
-                trainable_parameters=method.trainable() if method else 0, **extra)
+                trainable_parameters=method.trainable() if method else 0, num_threads=args.num_threads,
+                precision=args.precision, **extra)
 
 
 def run_seed(args, seed, data, results: SeedResults):
@@ -620,6 +621,14 @@ def summarize(per_seed, tasks):
         if a in summary and b in summary:
             pairs[f"{a} - {b}"] = paired(a, b)
     return summary, pairs
+
+
+def compute_seconds(per_seed):
+    """Seconds of training, dev evaluation and eval scoring in the finished runs. The rows scored from the two-stage
+    model without task ids share its training record, so only their eval scoring counts."""
+    shared = {"alter_prefix", "alter_gate_only"}
+    return sum((0 if method in shared else r.get("train_seconds", 0) + r.get("eval_seconds", 0))
+               + r.get("eval_seconds_final", 0) for results in per_seed.values() for method, r in results.items())
 
 
 GATE_MARGIN = 0.20
@@ -794,8 +803,11 @@ def main(argv=None):
     if args.report:
         if not per_seed:
             raise SystemExit(f"error: no finished method in {output_dir}/runs/seed*.json to report.")
-        total = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) + r.get("eval_seconds_final", 0)
-                    for results in per_seed.values() for r in results.values())
+        total = compute_seconds(per_seed)
+        threads = sorted({r["num_threads"] for results in per_seed.values() for r in results.values()
+                          if "num_threads" in r})
+        args.num_threads = "/".join(map(str, threads)) or None
+        args.seeds = list(per_seed)
         command = f"{command}  (interim report: seeds {list(per_seed)}, the methods finished so far)"
     elif args.resume and previous.is_file():
         earlier = json.loads(previous.read_text())
@@ -817,8 +829,11 @@ def main(argv=None):
              f"{args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ {args.stage2_budget:g} of "
              f"stage 1's steps.\n"
              f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on every MLP; "
-             f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills.\n"
-             f"- Wall time {total / 60:.1f} min ({args.num_threads} threads, 2-core x86 CPU). Command: `{command}`"
+             f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
+             f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
+             f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
+             f"{total / 60:.1f} min ({f'{args.num_threads} threads, ' if args.num_threads else ''}2-core x86 CPU). "
+             f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")
     report = f"{table}\n\n{setup}\n"
     print("\n" + report, flush=True)

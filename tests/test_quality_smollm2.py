@@ -85,11 +85,18 @@ def test_speed_mode_measures_every_trained_method_in_both_precisions(tiny_llama,
 def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tmp_path, monkeypatch):
     quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--methods", "majority_label", "full_ft"])
     monkeypatch.setattr(quality_smollm2, "train_to_plateau", lambda *a, **k: pytest.fail("trained"))
-    record = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--report", "--seeds", "0", "1"])
+    threads = torch.get_num_threads()
+    try:  # the report command's own thread count must not be reported as the runs'
+        record = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--report", "--seeds", "0", "1",
+                                                                            "--num_threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
     assert list(record["per_seed"]) == ["0"] and set(record["per_seed"]["0"]) == {"majority_label", "full_ft"}
     report = (tmp_path / "results.md").read_text()
     assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in report
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
+    # The setup line names the seeds reported and the threads the runs used, not those of the report command.
+    assert "seeds [0];" in report and "(1 threads, 2-core" in report and "Compute time of the finished runs" in report
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
 
@@ -170,3 +177,10 @@ def test_validity_gate_needs_twenty_points_overall_and_every_classification_task
     lines = quality_smollm2.render_gate(gate).split("\n")
     assert lines[0].startswith("- Validity gate, seed 0: passes (") and "+42.0 overall" in lines[0]
     assert "seed 1: FAILS" in lines[1] and "lowest classification task cola +0.0" in lines[1]
+
+
+def test_compute_seconds_counts_a_shared_stage2_record_once():
+    record = dict(train_seconds=100.0, eval_seconds=20.0, eval_seconds_final=5.0)
+    per_seed = {0: {"full_ft": dict(record), "alter_two_stage": dict(record), "alter_prefix": dict(record),
+                    "alter_gate_only": dict(record), "majority_label": {}}}
+    assert quality_smollm2.compute_seconds(per_seed) == 125.0 + 125.0 + 5.0 + 5.0
