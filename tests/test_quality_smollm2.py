@@ -61,6 +61,11 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
         assert seed[method]["curve"] and seed[method]["tokens_per_second"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| ALTER two-stage |" in table and "alter_two_stage minus alter_stage1" in table
+    summary = table.split("\n\n")[0].split("\n")  # the short table the README quotes comes first
+    assert summary[0].startswith("| method (2 real tasks, overall %, mean ± std over 1 seed) | overall |")
+    assert len(summary) == 2 + len(quality_smollm2.METHODS)
+    assert any(line.startswith("| ALTER two-stage, no task ids, gate only |") and "(stage 2)" in line
+               for line in summary)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "runs" / "seed0.json").read_text()).keys() == seed.keys()
 
