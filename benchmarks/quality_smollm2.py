@@ -625,11 +625,16 @@ def summarize(per_seed, tasks):
 
 
 def compute_seconds(per_seed):
-    """Seconds of training, dev evaluation and eval scoring in the finished runs. The rows scored from the two-stage
-    model without task ids share its training record, so only their eval scoring counts."""
-    shared = {"alter_prefix", "alter_gate_only"}
-    return sum((0 if method in shared else r.get("train_seconds", 0) + r.get("eval_seconds", 0))
-               + r.get("eval_seconds_final", 0) for results in per_seed.values() for method, r in results.items())
+    """Seconds of training, dev evaluation and eval scoring per method, summed over the finished runs of every seed.
+    The rows scored from the two-stage model without task ids share its training record, so only their eval scoring
+    counts. Returns `{method: seconds}`."""
+    seconds = {}
+    for results in per_seed.values():
+        for method, r in results.items():
+            own = 0 if method in ("alter_prefix", "alter_gate_only") else r.get("train_seconds", 0) + r.get(
+                "eval_seconds", 0)
+            seconds[method] = seconds.get(method, 0) + own + r.get("eval_seconds_final", 0)
+    return seconds
 
 
 GATE_MARGIN = 0.20
@@ -818,11 +823,13 @@ def main(argv=None):
     total = time.perf_counter() - start
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = output_dir / "results.json"
-    resumed_with = []
+    resumed_with, breakdown = [], ""
     if args.report:
         if not per_seed:
             raise SystemExit(f"error: no finished method in {output_dir}/runs/seed*.json to report.")
-        total = compute_seconds(per_seed)
+        per_method = compute_seconds(per_seed)
+        total = sum(per_method.values())
+        breakdown = "; minutes per method: " + ", ".join(f"{m} {t / 60:.1f}" for m, t in per_method.items() if t)
         threads = sorted({r["num_threads"] for results in per_seed.values() for r in results.values()
                           if "num_threads" in r})
         args.num_threads = "/".join(map(str, threads)) or None
@@ -852,7 +859,8 @@ def main(argv=None):
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
              f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
-             f"{total / 60:.1f} min ({f'{args.num_threads} threads, ' if args.num_threads else ''}2-core x86 CPU). "
+             f"{total / 60:.1f} min ({f'{args.num_threads} threads, ' if args.num_threads else ''}2-core x86 CPU"
+             f"{breakdown}). "
              f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")
     report = f"{table}\n\n{setup}\n"

@@ -102,6 +102,7 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     # The setup line names the seeds reported and the threads the runs used, not those of the report command.
     assert "seeds [0];" in report and "(1 threads, 2-core" in report and "Compute time of the finished runs" in report
+    assert "minutes per method: full_ft " in report
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
 
@@ -188,4 +189,6 @@ def test_compute_seconds_counts_a_shared_stage2_record_once():
     record = dict(train_seconds=100.0, eval_seconds=20.0, eval_seconds_final=5.0)
     per_seed = {0: {"full_ft": dict(record), "alter_two_stage": dict(record), "alter_prefix": dict(record),
                     "alter_gate_only": dict(record), "majority_label": {}}}
-    assert quality_smollm2.compute_seconds(per_seed) == 125.0 + 125.0 + 5.0 + 5.0
+    assert quality_smollm2.compute_seconds(per_seed) == {"full_ft": 125.0, "alter_two_stage": 125.0,
+                                                          "alter_prefix": 5.0, "alter_gate_only": 5.0,
+                                                          "majority_label": 0}
