@@ -631,8 +631,8 @@ def compute_seconds(per_seed):
     seconds = {}
     for results in per_seed.values():
         for method, r in results.items():
-            own = 0 if method in ("alter_prefix", "alter_gate_only") else r.get("train_seconds", 0) + r.get(
-                "eval_seconds", 0)
+            shares_record = method in STAGE2 and method != "alter_two_stage"
+            own = 0 if shares_record else r.get("train_seconds", 0) + r.get("eval_seconds", 0)
             seconds[method] = seconds.get(method, 0) + own + r.get("eval_seconds_final", 0)
     return seconds
 
@@ -823,17 +823,16 @@ def main(argv=None):
     total = time.perf_counter() - start
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = output_dir / "results.json"
-    resumed_with, breakdown = [], ""
+    resumed_with, breakdown, seeds, threads = [], "", args.seeds, args.num_threads
     if args.report:
         if not per_seed:
             raise SystemExit(f"error: no finished method in {output_dir}/runs/seed*.json to report.")
         per_method = compute_seconds(per_seed)
         total = sum(per_method.values())
         breakdown = "; minutes per method: " + ", ".join(f"{m} {t / 60:.1f}" for m, t in per_method.items() if t)
-        threads = sorted({r["num_threads"] for results in per_seed.values() for r in results.values()
-                          if "num_threads" in r})
-        args.num_threads = "/".join(map(str, threads)) or None
-        args.seeds = list(per_seed)
+        threads = "/".join(map(str, sorted({r["num_threads"] for results in per_seed.values()
+                                            for r in results.values() if "num_threads" in r}))) or None
+        seeds = list(per_seed)
         command = f"{command}  (interim report: seeds {list(per_seed)}, the methods finished so far)"
     elif args.resume and previous.is_file():
         earlier = json.loads(previous.read_text())
@@ -848,7 +847,7 @@ def main(argv=None):
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
              + f") / {args.num_dev_per_task} dev (carved from train) / ≤ "
-             f"{args.num_eval_per_task} eval rows per task; seeds {args.seeds}; precision {args.precision}.\n"
+             f"{args.num_eval_per_task} eval rows per task; seeds {seeds}; precision {args.precision}.\n"
              f"- Dev mean score every {args.eval_every} steps (stage 2: {args.stage2_eval_every}), patience "
              f"{args.patience}, cap {args.max_steps} steps, batch {args.batch_size}, constant lr after "
              f"{args.warmup_steps} warm-up steps: full fine-tuning and ALTER's backbone {args.full_lr:g}, LoRA / Poly "
@@ -859,7 +858,7 @@ def main(argv=None):
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
              f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
-             f"{total / 60:.1f} min ({f'{args.num_threads} threads, ' if args.num_threads else ''}2-core x86 CPU"
+             f"{total / 60:.1f} min ({f'{threads} threads, ' if threads else ''}2-core x86 CPU"
              f"{breakdown}). "
              f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")
