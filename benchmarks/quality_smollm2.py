@@ -533,8 +533,24 @@ def run_seed(args, seed, data, results: SeedResults):
             finish_checkpoint(args, seed, name)
             del method
     if "zero_shot" in args.methods and "zero_shot" not in results:
-        base = load_backbone(args, frozen_dtype).eval()
-        results["zero_shot"] = _result(Method(base, base, False, []), data, args)
+        earlier = scored_in_other_seed(args, seed, "zero_shot")
+        if earlier is not None:
+            results["zero_shot"] = earlier
+        else:
+            base = load_backbone(args, frozen_dtype).eval()
+            results["zero_shot"] = _result(Method(base, base, False, []), data, args)
+
+
+def scored_in_other_seed(args, seed, name):
+    """`name`'s result from another seed's file in the same output_dir, for a method that no seed changes (zero-shot:
+    greedy decoding of the untrained model on eval rows fixed by `--data_seed`), or None. The copy is marked
+    `reused_from_seed` and its scoring time is not counted again."""
+    for path in sorted((Path(args.output_dir) / "runs").glob("seed*.json")):
+        other = json.loads(path.read_text()).get(name)
+        if path.stem != f"seed{seed}" and other and other.get("precision") == args.precision \
+                and "reused_from_seed" not in other:
+            return dict(other, reused_from_seed=int(path.stem[4:]), eval_seconds_final=0.0)
+    return None
 
 
 def run_alter(args, seed, data, results, frozen_dtype):
@@ -742,7 +758,8 @@ def plot_curves(per_seed, path):
     axis.set_title("SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training (ALTER stage 2 continues "
                    "after stage 1's last step)", fontsize=9)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -192,3 +192,17 @@ def test_compute_seconds_counts_a_shared_stage2_record_once():
     assert quality_smollm2.compute_seconds(per_seed) == {"full_ft": 125.0, "alter_two_stage": 125.0,
                                                           "alter_prefix": 5.0, "alter_gate_only": 5.0,
                                                           "majority_label": 0}
+
+
+def test_zero_shot_is_scored_once_and_reused_by_the_other_seeds(tiny_llama, tmp_path, monkeypatch):
+    quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--methods", "zero_shot"])
+    first = json.loads((tmp_path / "runs" / "seed0.json").read_text())["zero_shot"]
+    monkeypatch.setattr(quality_smollm2, "load_backbone", lambda *a, **k: pytest.fail("scored zero-shot again"))
+    record = quality_smollm2.main(_arguments(tiny_llama, tmp_path) + ["--methods", "zero_shot", "--seeds", "0", "1",
+                                                                        "--resume"])
+    reused = record["per_seed"]["1"]["zero_shot"]
+    assert reused["scores"] == first["scores"] and reused["reused_from_seed"] == 0
+    assert reused["eval_seconds_final"] == 0.0  # its scoring time counts once, in seed 0
+    # Another precision is another model: not reused.
+    assert quality_smollm2.scored_in_other_seed(quality_smollm2.parse_arguments(
+        _arguments(tiny_llama, tmp_path) + ["--precision", "fp32"]), 1, "zero_shot") is None
