@@ -736,7 +736,8 @@ def render(summary, pairs, per_seed, tasks, args):
 
 
 def plot_curves(per_seed, path):
-    """Dev mean score against training examples seen: one line per method and seed."""
+    """Dev mean score against training examples seen: per method, each seed's curve (thin) and their mean (bold)
+    where every seed has an evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -744,22 +745,26 @@ def plot_curves(per_seed, path):
 
     figure, axis = plt.subplots(figsize=(10, 5.5))
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
-    for index, (seed, results) in enumerate(per_seed.items()):
-        for method, result in results.items():
-            if not result.get("curve"):
-                continue
-            if method in ("alter_prefix", "alter_gate_only"):
-                continue
-            xs, ys = zip(*result["curve"])
-            axis.plot(xs, 100 * np.asarray(ys), color=colors[method], linestyle=("-", "--", ":", "-.")[index % 4],
-                      linewidth=1.3, alpha=0.85, label=f"{METHODS[method].split(' (')[0]} (seed {seed})")
+    for method in METHODS:
+        if method in ("alter_prefix", "alter_gate_only"):  # the two-stage model's curve, scored another way
+            continue
+        curves = [results[method]["curve"] for results in per_seed.values() if results.get(method, {}).get("curve")]
+        if not curves:
+            continue
+        for curve in curves:
+            xs, ys = zip(*curve)
+            axis.plot(xs, 100 * np.asarray(ys), color=colors[method], linewidth=0.8, alpha=0.35)
+        shared = sorted(set.intersection(*(set(x for x, _ in curve) for curve in curves)))
+        mean = [100 * np.mean([dict(curve)[x] for curve in curves]) for x in shared]
+        label = f"{METHODS[method].split(' (')[0]} ({len(curves)} seed{'s' * (len(curves) > 1)})"
+        axis.plot(shared or [], mean, color=colors[method], linewidth=1.8, label=label if shared else "_" + label)
     axis.set_xlabel("training examples seen")
     axis.set_ylabel("dev mean score (%)")
-    axis.set_title("SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training (ALTER stage 2 continues "
-                   "after stage 1's last step)", fontsize=9)
+    axis.set_title("SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training (thin: each seed; bold: "
+                   "their mean)\nALTER stage 2 continues after stage 1's last step", fontsize=9)
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=7, ncol=2)
+        axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
