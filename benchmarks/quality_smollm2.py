@@ -760,8 +760,9 @@ def plot_curves(per_seed, path):
         axis.plot(shared or [], mean, color=colors[method], linewidth=1.8, label=label if shared else "_" + label)
     axis.set_xlabel("training examples seen")
     axis.set_ylabel("dev mean score (%)")
-    axis.set_title("SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training (thin: each seed; bold: "
-                   "their mean)\nALTER stage 2 continues after stage 1's last step", fontsize=9)
+    seeds = f"seed {list(per_seed)[0]}" if len(per_seed) == 1 else "thin: each seed; bold: their mean"
+    axis.set_title(f"SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training ({seeds})\n"
+                   "ALTER stage 2 continues after stage 1's last step", fontsize=9)
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8, loc="lower right")
