@@ -138,6 +138,8 @@ def parse_arguments(argv=None):
     add("--adapter_dim", type=int, default=64, help="ALTER adapter bottleneck r (AlterCausalConfig's default).")
     add("--adapter_form", default="plain", choices=["plain", "gated"])
     add("--num_shared_adapters", type=int, default=1)
+    add("--mta_placement", nargs="+", default=["ffn"], choices=["ffn", "self_attention"],
+        help="Sublayers that carry an MTA module (AlterCausalConfig.mta_placement); LoRA's rank follows the count.")
     add("--poly_skills", type=int, default=4)
     add("--num_threads", type=int, default=2, help="torch threads (1 is faster while other jobs share the CPU).")
     add("--resume", action="store_true", help="Keep the methods already in output_dir/runs/seed*.json.")
@@ -272,7 +274,7 @@ def _freeze_to(model, dtype):
 
 def alter_kwargs(args, tasks, **overrides):
     return dict(task_names=tasks, adapter_dim=args.adapter_dim, adapter_form=args.adapter_form,
-                num_shared_adapters=args.num_shared_adapters, **overrides)
+                num_shared_adapters=args.num_shared_adapters, mta_placement=tuple(args.mta_placement), **overrides)
 
 
 def build_method(args, name, tasks, tokenizer, frozen_dtype):
@@ -317,7 +319,7 @@ def lora_rank(args, tasks, base):
     ALTER's are `2 · hidden · r` per task and MTA module; LoRA's `r · (in + out)` per linear layer."""
     hidden, layers = base.config.hidden_size, base.config.num_hidden_layers
     per_form = 3 if args.adapter_form == "gated" else 2
-    alter_params = len(tasks) * per_form * hidden * args.adapter_dim * layers
+    alter_params = len(tasks) * per_form * hidden * args.adapter_dim * layers * len(set(args.mta_placement))
     per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
                    if isinstance(m, nn.Linear) and n.split(".")[-1] in LINEAR_MODULES)
     return max(1, round(alter_params / per_rank))
@@ -877,7 +879,8 @@ def main(argv=None):
              f"/ frozen-backbone ALTER {args.adapter_lr:g}, ALTER stage-1 adapters "
              f"{args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ {args.stage2_budget:g} of "
              f"stage 1's steps.\n"
-             f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on every MLP; "
+             f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on "
+             f"every {' and '.join('MLP' if p == 'ffn' else 'attention' for p in args.mta_placement)}; "
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
              f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "

@@ -206,3 +206,14 @@ def test_zero_shot_is_scored_once_and_reused_by_the_other_seeds(tiny_llama, tmp_
     # Another precision is another model: not reused.
     assert quality_smollm2.scored_in_other_seed(quality_smollm2.parse_arguments(
         _arguments(tiny_llama, tmp_path) + ["--precision", "fp32"]), 1, "zero_shot") is None
+
+
+def test_mta_on_attention_too_doubles_the_adapters_and_lora_follows(tiny_llama, tmp_path):
+    arguments = _arguments(tiny_llama, tmp_path) + ["--methods", "alter_frozen", "lora", "--mta_placement", "ffn",
+                                                    "self_attention"]
+    seed = quality_smollm2.main(arguments)["per_seed"]["0"]
+    alter_adapters = 2 * (2 * 2 * 32 * 8 * 2)  # both sublayers of both layers
+    assert seed["alter_frozen"]["trainable_parameters"] == alter_adapters
+    per_rank = 2 * sum(i + o for i, o in ((32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)))
+    assert seed["lora"]["lora_rank"] == round(alter_adapters / per_rank)
+    assert "MTA on every MLP and attention" in (tmp_path / "results.md").read_text()
