@@ -52,6 +52,7 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
     # LoRA's rank gives the parameters of ALTER's task adapters (2 tasks x 2 x hidden x r x layers), up to rounding.
     alter_adapters = 2 * 2 * 32 * 8 * 2
     assert seed["alter_frozen"]["trainable_parameters"] == alter_adapters
+    assert seed["alter_frozen"]["learning_rate"] == 1e-3  # --frozen_alter_lr, chosen on dev; LoRA keeps --adapter_lr
     per_rank = 2 * sum(i + o for i, o in ((32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)))
     assert seed["lora"]["lora_rank"] == round(alter_adapters / per_rank)
     # Prefix routing infers exactly the task ids, so it scores the same as routing with them.
