@@ -91,6 +91,7 @@ METHODS = {
 REFERENCE = "full_ft"
 TRAINED = ("full_ft", "lora", "poly", "alter_stage1", "alter_frozen")
 STAGE2 = ("alter_two_stage", "alter_prefix", "alter_gate_only")
+SCORED_FROM_TWO_STAGE = STAGE2[1:]  # the two-stage model scored without task ids: its training record, its curve
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -653,8 +654,7 @@ def compute_seconds(per_seed):
     seconds = {}
     for results in per_seed.values():
         for method, r in results.items():
-            shares_record = method in STAGE2 and method != "alter_two_stage"
-            own = 0 if shares_record else r.get("train_seconds", 0) + r.get("eval_seconds", 0)
+            own = 0 if method in SCORED_FROM_TWO_STAGE else r.get("train_seconds", 0) + r.get("eval_seconds", 0)
             seconds[method] = seconds.get(method, 0) + own + r.get("eval_seconds_final", 0)
     return seconds
 
@@ -752,7 +752,7 @@ def plot_curves(per_seed, path):
     figure, axis = plt.subplots(figsize=(10, 5.5))
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     for method in METHODS:
-        if method in ("alter_prefix", "alter_gate_only"):  # the two-stage model's curve, scored another way
+        if method in SCORED_FROM_TWO_STAGE:
             continue
         curves = [results[method]["curve"] for results in per_seed.values() if results.get(method, {}).get("curve")]
         if not curves:
@@ -762,8 +762,9 @@ def plot_curves(per_seed, path):
             axis.plot(xs, 100 * np.asarray(ys), color=colors[method], linewidth=0.8, alpha=0.35)
         shared = sorted(set.intersection(*(set(x for x, _ in curve) for curve in curves)))
         mean = [100 * np.mean([dict(curve)[x] for curve in curves]) for x in shared]
-        label = f"{METHODS[method].split(' (')[0]} ({len(curves)} seed{'s' * (len(curves) > 1)})"
-        axis.plot(shared or [], mean, color=colors[method], linewidth=1.8, label=label if shared else "_" + label)
+        if shared:
+            axis.plot(shared, mean, color=colors[method], linewidth=1.8,
+                      label=f"{METHODS[method].split(' (')[0]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
     axis.set_xlabel("training examples seen")
     axis.set_ylabel("dev mean score (%)")
     seeds = f"seed {list(per_seed)[0]}" if len(per_seed) == 1 else "thin: each seed; bold: their mean"
