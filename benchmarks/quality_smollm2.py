@@ -768,8 +768,9 @@ def plot_curves(per_seed, path):
     axis.set_xlabel("training examples seen")
     axis.set_ylabel("dev mean score (%)")
     seeds = f"seed {list(per_seed)[0]}" if len(per_seed) == 1 else "thin: each seed; bold: their mean"
-    axis.set_title(f"SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training ({seeds})\n"
-                   "ALTER stage 2 continues after stage 1's last step", fontsize=9)
+    two_stage = any(results.get("alter_two_stage", {}).get("curve") for results in per_seed.values())
+    note = "\nALTER stage 2 continues after stage 1's last step" if two_stage else ""
+    axis.set_title(f"SmolLM2-135M-Instruct (Q4_1 weights): dev mean score while training ({seeds}){note}", fontsize=9)
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8, loc="lower right")
