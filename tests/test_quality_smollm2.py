@@ -108,18 +108,20 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
 
 
-def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch):
-    """Killed after its first dev evaluation, a method continues from its checkpoint and ends with the weights,
-    curve and step count of the uninterrupted run; the checkpoint is gone once the result is recorded."""
+@pytest.mark.parametrize("method_name", ["full_ft", "poly", "alter_stage1"])
+def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, method_name):
+    """Killed after its first dev evaluation, a method (the backbone trained, a PEFT model routed by task ids, ALTER)
+    continues from its checkpoint and ends with the weights, curve and step count of the uninterrupted run; the
+    checkpoint is gone once the result is recorded."""
     args = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path))
     args.patience = 9  # no early stop: 6 steps, dev evaluations at 2, 4 and 6
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     data = quality_smollm2.TaskData(args, tokenizer)
-    checkpoint = quality_smollm2.checkpoint_path(args, 0, "full_ft")
+    checkpoint = quality_smollm2.checkpoint_path(args, 0, method_name)
 
     def train(max_steps_before_crash=None):
         torch.manual_seed(0)
-        method = quality_smollm2.build_method(args, "full_ft", data.tasks, tokenizer, torch.bfloat16)
+        method = quality_smollm2.build_method(args, method_name, data.tasks, tokenizer, torch.bfloat16)
         real = quality_smollm2.generate_scores
         calls = []
 
@@ -147,7 +149,7 @@ def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, 
     for (name, a), (_, b) in zip(straight.module.named_parameters(), resumed.module.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
-    quality_smollm2.finish_checkpoint(args, 0, "full_ft")
+    quality_smollm2.finish_checkpoint(args, 0, method_name)
     assert not checkpoint.exists()
 
 
