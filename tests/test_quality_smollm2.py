@@ -153,6 +153,26 @@ def test_a_method_interrupted_mid_training_resumes_where_it_stopped(tiny_llama, 
     assert not checkpoint.exists()
 
 
+def test_paired_with_compares_each_method_with_the_same_method_and_seed_of_another_run(tiny_llama, tmp_path, capsys):
+    plain = quality_smollm2.main(_arguments(tiny_llama, tmp_path / "plain") + ["--methods", "alter_stage1"])
+    gated = quality_smollm2.main(_arguments(tiny_llama, tmp_path / "gated") + [
+        "--methods", "majority_label", "alter_stage1", "--adapter_form", "gated",
+        "--paired_with", str(tmp_path / "plain")])
+    a, b = gated["per_seed"]["0"]["alter_stage1"], plain["per_seed"]["0"]["alter_stage1"]
+    assert a["trainable_parameters"] != b["trainable_parameters"]  # the gated form has a third matrix
+    pair = gated["paired_with"]["alter_stage1"]
+    assert set(gated["paired_with"]) == {"alter_stage1"} and pair["seeds"] == [0]  # the floor is only in one run
+    assert pair["eval"]["deltas"] == [a["overall"] - b["overall"]]
+    assert pair["dev"]["deltas"] == [a["best_dev"] - b["best_dev"]]
+    report = (tmp_path / "gated" / "results.md").read_text()
+    assert f"Paired with `{tmp_path / 'plain'}`" in report
+    assert "- ALTER stage 1 (backbone + task adapters) (seeds [0]): dev " in report and "; eval " in report
+    with pytest.raises(SystemExit) as exit_info:
+        quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path / "x") + ["--paired_with", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "error: --paired_with" in capsys.readouterr().err
+
+
 def test_train_rows_overrides_the_rows_of_one_task_and_rejects_bad_values(tiny_llama, tmp_path, capsys):
     args = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path) + ["--train_rows", "agnews=5"])
     assert args.train_rows == {"agnews": 5}
