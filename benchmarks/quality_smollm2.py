@@ -770,6 +770,7 @@ def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
 
 
 def render_criteria(criteria):
+    """One line per criterion of `recipe_criteria`: "Met" or "NOT met", its name and its figures."""
     return "\n".join(f"- {'Met' if c['met'] else 'NOT met'}: {name} ({c['detail']})" for name, c in criteria.items())
 
 
