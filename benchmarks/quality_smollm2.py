@@ -619,6 +619,20 @@ def run_alter(args, seed, data, results, frozen_dtype):
 # Summary
 
 
+def paired_difference(ours, theirs):
+    """Per-seed differences `ours - theirs` (equal-length lists, fractions): mean, std, "better" (seeds where ours is
+    higher), "seeds" and "deltas"."""
+    deltas = [x - y for x, y in zip(ours, theirs)]
+    mean, std = mean_std(deltas)
+    return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas)
+
+
+def paired_text(d):
+    """`paired_difference` in points: mean ± std (k/N seeds better; per seed ...)."""
+    return (f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points ({d['better']}/{d['seeds']} seeds better; per seed "
+            + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"]) + ")")
+
+
 def summarize(per_seed, tasks):
     """Per method (present in every seed): mean ± std per task metric and overall, and paired differences."""
     seeds = list(per_seed)
@@ -638,9 +652,7 @@ def summarize(per_seed, tasks):
         summary[method] = entry
 
     def paired(a, b):
-        deltas = [x - y for x, y in zip(summary[a]["overall_per_seed"], summary[b]["overall_per_seed"])]
-        mean, std = mean_std(deltas)
-        return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas)
+        return paired_difference(summary[a]["overall_per_seed"], summary[b]["overall_per_seed"])
 
     pairs = {}
     for method in summary:
@@ -659,9 +671,7 @@ def paired_with_folder(per_seed, folder):
     run minus `folder`), over the seeds both have finished: `{method: {"seeds", "dev", "eval"}}`, where "dev" (best
     dev score) and "eval" (overall) each hold mean, std, "better" (seeds where this run is higher) and "deltas"
     (fractions)."""
-    runs = Path(folder) / "runs"
-    other = {seed: json.loads((runs / f"seed{seed}.json").read_text()) for seed in per_seed
-             if (runs / f"seed{seed}.json").is_file()}
+    other = {seed: SeedResults(Path(folder) / "runs" / f"seed{seed}.json", resume=True) for seed in per_seed}
     pairs = {}
     for method in METHODS:
         seeds = [s for s in per_seed if method in per_seed[s] and method in other.get(s, {})]
@@ -670,24 +680,18 @@ def paired_with_folder(per_seed, folder):
         entry = {"seeds": seeds}
         for split, key in (("dev", "best_dev"), ("eval", "overall")):
             if all(key in per_seed[s][method] and key in other[s][method] for s in seeds):
-                deltas = [per_seed[s][method][key] - other[s][method][key] for s in seeds]
-                mean, std = mean_std(deltas)
-                entry[split] = dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), deltas=deltas)
+                entry[split] = paired_difference([per_seed[s][method][key] for s in seeds],
+                                                 [other[s][method][key] for s in seeds])
         pairs[method] = entry
     return pairs
 
 
 def render_paired_with(pairs, folder):
     """One line per method: its paired differences to the same method and seed in `folder`, dev and eval, in points."""
-    def cell(d, n):
-        return (f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} ({d['better']}/{n} seeds higher; per seed "
-                + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"]) + ")")
-
     lines = [f"Paired with `{folder}` (this run minus the same method and seed there):"]
     for method, entry in pairs.items():
-        n = len(entry["seeds"])
         lines.append(f"- {METHODS[method]} (seeds {entry['seeds']}): " + "; ".join(
-            f"{split} {cell(entry[split], n)}" for split in ("dev", "eval") if split in entry))
+            f"{split} {paired_text(entry[split])}" for split in ("dev", "eval") if split in entry))
     if not pairs:
         lines.append("- no method and seed finished in both folders yet")
     return "\n".join(lines)
@@ -746,21 +750,22 @@ def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
     criteria = {}
 
     def every_seed(name, key):
-        if key in pairs:
-            d = pairs[key]
-            criteria[name] = dict(met=d["better"] == d["seeds"], detail=f"{d['better']}/{d['seeds']} seeds, "
-                                  f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points")
+        d = pairs[key]
+        criteria[name] = dict(met=d["better"] == d["seeds"], detail=f"{d['better']}/{d['seeds']} seeds, "
+                              f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points")
+        return criteria[name]
 
-    every_seed("ALTER two-stage above multi-task full fine-tuning in every seed", "alter_two_stage - full_ft")
-    every_seed("frozen-backbone ALTER above LoRA (equal trainable parameters) in every seed", "alter_frozen - lora")
+    if "alter_two_stage - full_ft" in pairs:
+        every_seed("ALTER two-stage above multi-task full fine-tuning in every seed", "alter_two_stage - full_ft")
+    if "alter_frozen - lora" in pairs:
+        every_seed("frozen-backbone ALTER above LoRA (equal trainable parameters) in every seed", "alter_frozen - lora")
     if "alter_two_stage - alter_stage1" in pairs:
-        d = pairs["alter_two_stage - alter_stage1"]
         shares = [r["alter_two_stage"]["train_seconds"] / r["alter_two_stage"]["stage1_train_seconds"]
                   for r in per_seed.values() if "alter_two_stage" in r]
-        criteria[f"stage 2 above its own stage-1 weights at ≤ {100 * stage2_budget:.0f} % of stage 1's training time"] \
-            = dict(met=d["better"] == d["seeds"] and max(shares) <= stage2_budget,
-                   detail=f"{d['better']}/{d['seeds']} seeds, {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points; "
-                          "time share " + ", ".join(f"{100 * x:.0f} %" for x in shares))
+        c = every_seed(f"stage 2 above its own stage-1 weights at ≤ {100 * stage2_budget:.0f} % of stage 1's "
+                       "training time", "alter_two_stage - alter_stage1")
+        c["met"] = c["met"] and max(shares) <= stage2_budget
+        c["detail"] += "; time share " + ", ".join(f"{100 * x:.0f} %" for x in shares)
     if "alter_prefix - alter_two_stage" in pairs:
         d = pairs["alter_prefix - alter_two_stage"]
         worst = max(abs(x) for x in d["deltas"])
@@ -818,9 +823,8 @@ def render(summary, pairs, per_seed, tasks, args):
         else:
             cells.append(" / ".join(f"{r['best_step']} ({r['steps_trained']})" for r in runs))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {a.replace(' - ', ' minus ')}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points "
-             f"({d['better']}/{d['seeds']} seeds better; per seed " + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"])
-             + ")" for a, d in pairs.items() if not a.endswith(f"- {REFERENCE}")]
+    notes = [f"- {a.replace(' - ', ' minus ')}: {paired_text(d)}" for a, d in pairs.items()
+             if not a.endswith(f"- {REFERENCE}")]
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -867,7 +871,8 @@ def measure_speed(args, data):
     of every trained method in fp32 and in bf16, each on the same batches, a method's two precisions back to back."""
     from transformers import set_seed
 
-    batches = [collate_train(rows, data.tokenizer.pad_token_id) for rows in data.train_batches(0, 0)[:2 + args.speed_steps]]
+    batches = [collate_train(rows, data.tokenizer.pad_token_id)
+               for rows in data.train_batches(0, 0)[:2 + args.speed_steps]]
     names = {"full_ft": "full_ft", "lora": "lora", "poly": "poly", "alter_stage1": "alter_stage1",
              "alter_frozen": "alter_frozen", "alter_stage2": "alter_stage1"}
     rows = {}
