@@ -122,7 +122,11 @@ def parse_arguments(argv=None):
     add("--precision", default="bf16", choices=["bf16", "fp32"],
         help="bf16: autocast, and frozen weights stored in bf16; fp32: everything in fp32.")
     add("--full_lr", type=float, default=5e-5, help="Learning rate of full fine-tuning and of ALTER stage 1's backbone.")
-    add("--adapter_lr", type=float, default=5e-4, help="Learning rate of LoRA and Poly.")
+    add("--adapter_lr", type=float, default=5e-4, help="Learning rate of LoRA (and of Poly unless --poly_lr).")
+    add("--poly_lr", type=float, default=None,
+        help="Learning rate of Poly (default: --adapter_lr). PEFT's Poly layer divides its LoRA product by its rank "
+             "(here the LoRA rank / --poly_skills) and mixes its skills, where LoRA with lora_alpha = r does neither, "
+             "so an equal learning rate moves Poly's output far less.")
     add("--frozen_alter_lr", type=float, default=1e-3,
         help="Learning rate of the frozen-backbone ALTER's task adapters. Chosen on dev (seed 0): best dev 77.5 at "
              "1e-3 against 73.0 at 5e-4 (benchmarks/results/quality_ideas.md).")
@@ -319,11 +323,12 @@ def build_method(args, name, tasks, tokenizer, frozen_dtype):
         config = PolyConfig(r=poly_rank, n_tasks=len(tasks), n_skills=args.poly_skills, n_splits=1,
                             target_modules=LINEAR_MODULES, task_type="CAUSAL_LM")
         takes, extra = True, {"poly_rank": poly_rank, "poly_skills": args.poly_skills}
+    lr = args.poly_lr if name == "poly" and args.poly_lr is not None else args.adapter_lr
     model = get_peft_model(base, config)
     model.train()
     _freeze_to(model, frozen_dtype)
     return Method(model, model.base_model.model, takes,
-                  [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.adapter_lr}], **extra)
+                  [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}], learning_rate=lr, **extra)
 
 
 def lora_rank(args, tasks, base):
@@ -973,8 +978,8 @@ def main(argv=None):
              f"{args.num_eval_per_task} eval rows per task; seeds {seeds}; precision {args.precision}.\n"
              f"- Dev mean score every {args.eval_every} steps (stage 2: {args.stage2_eval_every}), patience "
              f"{args.patience}, cap {args.max_steps} steps, batch {args.batch_size}, constant lr after "
-             f"{args.warmup_steps} warm-up steps: full fine-tuning and ALTER's backbone {args.full_lr:g}, LoRA / Poly "
-             f"{args.adapter_lr:g}, frozen-backbone ALTER {args.frozen_alter_lr:g}, ALTER stage-1 adapters "
+             f"{args.warmup_steps} warm-up steps: full fine-tuning and ALTER's backbone {args.full_lr:g}, LoRA "
+             f"{args.adapter_lr:g}, Poly {args.poly_lr or args.adapter_lr:g}, frozen-backbone ALTER {args.frozen_alter_lr:g}, ALTER stage-1 adapters "
              f"{args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ {args.stage2_budget:g} of "
              f"stage 1's steps.\n"
              f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on "

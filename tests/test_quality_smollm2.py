@@ -267,3 +267,15 @@ def test_mta_on_attention_too_doubles_the_adapters_and_lora_follows(tiny_llama, 
     per_rank = 2 * sum(i + o for i, o in ((32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)))
     assert seed["lora"]["lora_rank"] == round(alter_adapters / per_rank)
     assert "MTA on every MLP and attention" in (tmp_path / "results.md").read_text()
+
+
+def test_poly_lr_sets_polys_learning_rate_only(tiny_llama, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tasks = ["sst2", "agnews"]
+    args = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path) + ["--poly_lr", "3e-3"])
+    poly = quality_smollm2.build_method(args, "poly", tasks, tokenizer, torch.float32)
+    lora = quality_smollm2.build_method(args, "lora", tasks, tokenizer, torch.float32)
+    assert [g["lr"] for g in poly.groups] == [3e-3] and poly.extra["learning_rate"] == 3e-3
+    assert [g["lr"] for g in lora.groups] == [5e-4] and lora.extra["learning_rate"] == 5e-4
+    default = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path))
+    assert quality_smollm2.build_method(default, "poly", tasks, tokenizer, torch.float32).groups[0]["lr"] == 5e-4
