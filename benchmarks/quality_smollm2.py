@@ -184,6 +184,8 @@ def parse_arguments(argv=None):
             parser.error(f"--train_rows {item!r}: expected TASK=N with TASK one of {list(TASKS)} and N a positive "
                          "integer")
         rows[task] = int(count)
+    if args.poly_lr is None:
+        args.poly_lr = args.adapter_lr
     quick_default = args.quick and "--train_rows" not in (sys.argv if argv is None else argv)
     args.train_rows = {} if quick_default else rows
     return args
@@ -323,7 +325,7 @@ def build_method(args, name, tasks, tokenizer, frozen_dtype):
         config = PolyConfig(r=poly_rank, n_tasks=len(tasks), n_skills=args.poly_skills, n_splits=1,
                             target_modules=LINEAR_MODULES, task_type="CAUSAL_LM")
         takes, extra = True, {"poly_rank": poly_rank, "poly_skills": args.poly_skills}
-    lr = args.poly_lr if name == "poly" and args.poly_lr is not None else args.adapter_lr
+    lr = args.poly_lr if name == "poly" else args.adapter_lr
     model = get_peft_model(base, config)
     model.train()
     _freeze_to(model, frozen_dtype)
@@ -979,9 +981,9 @@ def main(argv=None):
              f"- Dev mean score every {args.eval_every} steps (stage 2: {args.stage2_eval_every}), patience "
              f"{args.patience}, cap {args.max_steps} steps, batch {args.batch_size}, constant lr after "
              f"{args.warmup_steps} warm-up steps: full fine-tuning and ALTER's backbone {args.full_lr:g}, LoRA "
-             f"{args.adapter_lr:g}, Poly {args.poly_lr or args.adapter_lr:g}, frozen-backbone ALTER {args.frozen_alter_lr:g}, ALTER stage-1 adapters "
-             f"{args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ {args.stage2_budget:g} of "
-             f"stage 1's steps.\n"
+             f"{args.adapter_lr:g}, Poly {args.poly_lr:g}, frozen-backbone ALTER {args.frozen_alter_lr:g}, ALTER "
+             f"stage-1 adapters {args.alter_adapter_lr or args.full_lr:g}, stage 2 {args.stage2_lr:g} for ≤ "
+             f"{args.stage2_budget:g} of stage 1's steps.\n"
              f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on "
              f"every {' and '.join('MLP' if p == 'ffn' else 'attention' for p in args.mta_placement)}; "
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
