@@ -278,4 +278,4 @@ def test_poly_lr_sets_polys_learning_rate_only(tiny_llama, tmp_path):
     assert [g["lr"] for g in poly.groups] == [3e-3] and poly.extra["learning_rate"] == 3e-3
     assert [g["lr"] for g in lora.groups] == [5e-4] and lora.extra["learning_rate"] == 5e-4
     default = quality_smollm2.parse_arguments(_arguments(tiny_llama, tmp_path))
-    assert quality_smollm2.build_method(default, "poly", tasks, tokenizer, torch.float32).groups[0]["lr"] == 5e-4
+    assert quality_smollm2.build_method(default, "poly", tasks, tokenizer, torch.float32).groups[0]["lr"] == 5e-3
