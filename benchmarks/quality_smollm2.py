@@ -126,8 +126,8 @@ def parse_arguments(argv=None):
     add("--poly_lr", type=float, default=5e-3,
         help="Learning rate of Poly. PEFT's Poly layer divides its LoRA product by its rank (here the LoRA rank / "
              "--poly_skills) and averages its skills, where LoRA with lora_alpha = r does neither, so LoRA's learning "
-             "rate moves Poly's output far less. Chosen on dev (seed 0): best dev 72.7 by step 500 at 5e-3 against "
-             "69.7 at 5e-4 (benchmarks/results/quality_ideas.md).")
+             "rate moves Poly's output far less. Chosen on dev (seed 0): best dev 72.7 at 5e-3 against 69.7 at 5e-4 "
+             "(benchmarks/results/quality_ideas.md).")
     add("--frozen_alter_lr", type=float, default=1e-3,
         help="Learning rate of the frozen-backbone ALTER's task adapters. Chosen on dev (seed 0): best dev 77.5 at "
              "1e-3 against 73.0 at 5e-4 (benchmarks/results/quality_ideas.md).")
