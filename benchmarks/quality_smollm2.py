@@ -318,13 +318,12 @@ def build_method(args, name, tasks, tokenizer, frozen_dtype):
     if name == "lora":
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LINEAR_MODULES,
                             task_type="CAUSAL_LM")
-        takes, extra = False, {"lora_rank": rank}
+        takes, lr, extra = False, args.adapter_lr, {"lora_rank": rank}
     else:
         poly_rank = max(1, round(rank / args.poly_skills))
         config = PolyConfig(r=poly_rank, n_tasks=len(tasks), n_skills=args.poly_skills, n_splits=1,
                             target_modules=LINEAR_MODULES, task_type="CAUSAL_LM")
-        takes, extra = True, {"poly_rank": poly_rank, "poly_skills": args.poly_skills}
-    lr = args.poly_lr if name == "poly" else args.adapter_lr
+        takes, lr, extra = True, args.poly_lr, {"poly_rank": poly_rank, "poly_skills": args.poly_skills}
     model = get_peft_model(base, config)
     model.train()
     _freeze_to(model, frozen_dtype)
