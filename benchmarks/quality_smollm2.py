@@ -93,6 +93,8 @@ TRAINED = ("full_ft", "lora", "poly", "alter_stage1", "alter_frozen")
 STAGE2 = ("alter_two_stage", "alter_prefix", "alter_gate_only")
 SCORED_FROM_TWO_STAGE = STAGE2[1:]  # the two-stage model scored without task ids: its training record, its curve
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Runs recorded before results named their CPU ran on the 2-core machine whose `lscpu` issue #18 quotes (amx_bf16).
+EARLIER_CPU = {"name": "x86 CPU", "cores": 2, "amx_bf16": True}
 
 
 def parse_arguments(argv=None):
@@ -192,6 +194,24 @@ def parse_arguments(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
+
+
+def cpu_description():
+    """The CPU a run trains on, as its results record it: `{"name", "cores", "amx_bf16"}`. bf16 matrix products are
+    several times faster with AMX units, so tokens/s of runs on CPUs with and without them are not averaged together."""
+    caps = torch.cpu.get_capabilities()
+    return {"name": caps.get("cpu_name") or platform.processor(), "cores": caps.get("num_physical_cores"),
+            "amx_bf16": bool(caps.get("amx_bf16"))}
+
+
+def cpu_text(cpu):
+    """`cpu_description()` in words: "Intel Xeon (2 cores, AMX bf16 units)"."""
+    return f"{cpu['name']} ({cpu['cores']} cores, {'AMX bf16 units' if cpu['amx_bf16'] else 'no AMX units'})"
+
+
+def cpu_label(run):
+    """"AMX" or "no AMX": the kind of CPU a finished run trained on (`EARLIER_CPU` for runs that predate the field)."""
+    return "AMX" if run.get("cpu", EARLIER_CPU)["amx_bf16"] else "no AMX"
 
 
 def prompt_of(task, source):
@@ -492,7 +512,7 @@ def train_to_plateau(method, data, args, seed, label, max_steps, every, checkpoi
     return dict(best_dev=state["best"], best_step=state["best_step"], steps_trained=step, curve=state["curve"],
                 dev_per_task=state["dev_per_task"], train_seconds=state["train_seconds"],
                 eval_seconds=state["eval_seconds"], tokens_per_second=tokens / max(state["train_seconds"], 1e-9),
-                epochs=epoch + 1)
+                epochs=epoch + 1, cpu=cpu_description())
 
 
 @torch.no_grad()
@@ -652,7 +672,10 @@ def summarize(per_seed, tasks):
                 entry["per_task"][f"{task}/{metric}"] = mean_std([r["scores"][task][metric] for r in runs])
         entry["overall"] = mean_std(entry["overall_per_seed"])
         if method in TRAINED or method == "alter_two_stage":
-            entry["tokens_per_second"] = mean_std([r["tokens_per_second"] for r in runs])
+            speeds = {}
+            for r in runs:
+                speeds.setdefault(cpu_label(r), []).append(r["tokens_per_second"])
+            entry["tokens_per_second"] = {label: mean_std(values) for label, values in speeds.items()}
             entry["train_seconds"] = mean_std([r["train_seconds"] for r in runs])
         summary[method] = entry
 
@@ -700,6 +723,17 @@ def render_paired_with(pairs, folder):
     if not pairs:
         lines.append("- no method and seed finished in both folders yet")
     return "\n".join(lines)
+
+
+def cpus_text(per_seed):
+    """The CPUs the finished trained runs used, with how many runs each: "Intel Xeon (2 cores, no AMX units): 1 run"."""
+    counts = {}
+    for results in per_seed.values():
+        for method, r in results.items():
+            if "tokens_per_second" in r and method not in SCORED_FROM_TWO_STAGE:
+                text = cpu_text(r.get("cpu", EARLIER_CPU))
+                counts[text] = counts.get(text, 0) + 1
+    return "; ".join(f"{text}: {n} trained run{'s' * (n > 1)}" for text, n in counts.items()) or "2-core x86 CPU"
 
 
 def compute_seconds(per_seed):
@@ -784,6 +818,14 @@ def render_criteria(criteria):
     return "\n".join(f"- {'Met' if c['met'] else 'NOT met'}: {name} ({c['detail']})" for name, c in criteria.items())
 
 
+def tokens_per_second_cell(entry):
+    """Mean training tokens/s over the seeds, one figure per kind of CPU ("131 (no AMX)"; AMX figures unmarked)."""
+    if "tokens_per_second" not in entry:
+        return "—"
+    return " / ".join(f"{ms[0]:.0f}" + ("" if label == "AMX" else f" ({label})")
+                      for label, ms in sorted(entry["tokens_per_second"].items()))
+
+
 def _pct(ms):
     return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
@@ -802,7 +844,7 @@ def render_summary(summary, pairs, per_seed, tasks):
             METHODS[method], _pct(entry["overall"]),
             f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—",
             f"{params:,}" + (" (stage 2)" if method in STAGE2 else "") if params else "—",
-            f"{entry['tokens_per_second'][0]:.0f}" if "tokens_per_second" in entry else "—"]) + " |")
+            tokens_per_second_cell(entry)]) + " |")
     return "\n".join(lines)
 
 
@@ -818,7 +860,7 @@ def render(summary, pairs, per_seed, tasks, args):
         d = pairs.get(f"{method} - {REFERENCE}")
         cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—")
         cells.append(f"{result.get('trainable_parameters', 0):,}" if result.get("trainable_parameters") else "—")
-        cells.append(f"{entry['tokens_per_second'][0]:.0f}" if "tokens_per_second" in entry else "—")
+        cells.append(tokens_per_second_cell(entry))
         runs = [per_seed[s][method] for s in per_seed]
         if "steps_trained" not in result:
             cells.append("—")
@@ -913,12 +955,13 @@ def measure_speed(args, data):
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:])
     report = ("\n".join(lines) + f"\n\nTraining tokens/s (prompt + answer, non-padding) over {args.speed_steps} "
               f"steps of batch {args.batch_size} after 2 warm-up steps, the same batches for every row; "
-              f"{args.num_threads} torch thread(s) on a 2-core x86 CPU with AMX bf16 units. Command: `{command}`.\n")
+              f"{args.num_threads} torch thread(s) on {cpu_text(cpu_description())}. Command: `{command}`.\n")
     print(report)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "speed.md").write_text(report)
-    (output_dir / "speed.json").write_text(json.dumps(dict(command=command, tokens_per_second=rows), indent=1))
+    (output_dir / "speed.json").write_text(json.dumps(dict(command=command, tokens_per_second=rows,
+                                                           cpu=cpu_description()), indent=1))
     return rows
 
 
@@ -987,7 +1030,7 @@ def main(argv=None):
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
              f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
-             f"{total / 60:.1f} min ({f'{threads} threads, ' if threads else ''}2-core x86 CPU"
+             f"{total / 60:.1f} min ({f'{threads} threads, ' if threads else ''}{cpus_text(per_seed)}"
              f"{breakdown}). "
              f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")

@@ -60,6 +60,7 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
     assert seed["alter_two_stage"]["stage1_steps_trained"] == seed["alter_stage1"]["steps_trained"]
     for method in quality_smollm2.TRAINED:
         assert seed[method]["curve"] and seed[method]["tokens_per_second"] > 0
+        assert seed[method]["cpu"] == quality_smollm2.cpu_description()  # its tokens/s are this CPU's
     table = (tmp_path / "results.md").read_text()
     assert "| ALTER two-stage |" in table and "alter_two_stage minus alter_stage1" in table
     summary = table.split("\n\n")[0].split("\n")  # the short table the README quotes comes first
@@ -88,6 +89,9 @@ def test_speed_mode_measures_every_trained_method_in_both_precisions(tiny_llama,
     assert set(rows) == {"full_ft", "lora", "poly", "alter_stage1", "alter_frozen", "alter_stage2"}
     assert all(row["fp32"] > 0 and row["bf16"] > 0 for row in rows.values())
     assert "| alter_stage2 |" in (tmp_path / "speed.md").read_text()
+    cpu = quality_smollm2.cpu_description()
+    assert json.loads((tmp_path / "speed.json").read_text())["cpu"] == cpu
+    assert quality_smollm2.cpu_text(cpu) in (tmp_path / "speed.md").read_text()
 
 
 def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tmp_path, monkeypatch):
@@ -104,7 +108,7 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
     assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in report
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     # The setup line names the seeds reported and the threads the runs used, not those of the report command.
-    assert "seeds [0];" in report and "(1 threads, 2-core" in report and "Compute time of the finished runs" in report
+    assert "seeds [0];" in report and f"(1 threads, {quality_smollm2.cpu_text(quality_smollm2.cpu_description())}: " in report and "Compute time of the finished runs" in report
     assert "minutes per method: full_ft " in report
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
@@ -242,6 +246,24 @@ def test_compute_seconds_counts_a_shared_stage2_record_once():
     assert quality_smollm2.compute_seconds(per_seed) == {"full_ft": 125.0, "alter_two_stage": 125.0,
                                                           "alter_prefix": 5.0, "alter_gate_only": 5.0,
                                                           "majority_label": 0}
+
+
+def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
+    def run(overall, speed, amx=None):
+        cpu = {} if amx is None else {"cpu": {"name": "Intel Xeon", "cores": 2, "amx_bf16": amx}}
+        return dict(overall=overall, scores={"sst2": {"accuracy": overall}}, tokens_per_second=speed,
+                    train_seconds=10.0, **cpu)
+
+    per_seed = {0: {"full_ft": run(0.7, 300.0)}, 1: {"full_ft": run(0.8, 100.0, amx=False)},
+                2: {"full_ft": run(0.9, 200.0, amx=True)}}
+    summary, _ = quality_smollm2.summarize(per_seed, ["sst2"])
+    speeds = summary["full_ft"]["tokens_per_second"]
+    assert set(speeds) == {"AMX", "no AMX"}  # a run without the field predates it: the AMX machine
+    assert speeds["AMX"][0] == pytest.approx(250.0) and speeds["no AMX"][0] == pytest.approx(100.0)
+    assert quality_smollm2.tokens_per_second_cell(summary["full_ft"]) == "250 / 100 (no AMX)"
+    assert quality_smollm2.cpus_text(per_seed) == ("x86 CPU (2 cores, AMX bf16 units): 1 trained run; Intel Xeon "
+                                                   "(2 cores, no AMX units): 1 trained run; Intel Xeon (2 cores, AMX "
+                                                   "bf16 units): 1 trained run")
 
 
 def test_zero_shot_is_scored_once_and_reused_by_the_other_seeds(tiny_llama, tmp_path, monkeypatch):
