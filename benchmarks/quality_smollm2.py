@@ -726,7 +726,8 @@ def render_paired_with(pairs, folder):
 
 
 def cpus_text(per_seed):
-    """The CPUs the finished trained runs used, with how many runs each: "Intel Xeon (2 cores, no AMX units): 1 trained run"."""
+    """The CPUs the finished trained runs used, with how many runs each:
+    "Intel Xeon (2 cores, no AMX units): 1 trained run"."""
     counts = {}
     for results in per_seed.values():
         for method, r in results.items():
