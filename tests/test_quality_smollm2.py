@@ -108,7 +108,9 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
     assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in report
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     # The setup line names the seeds reported and the threads the runs used, not those of the report command.
-    assert "seeds [0];" in report and f"(1 threads, {quality_smollm2.cpu_text(quality_smollm2.cpu_description())}: " in report and "Compute time of the finished runs" in report
+    this_cpu = quality_smollm2.cpu_text(quality_smollm2.cpu_description())
+    assert "seeds [0];" in report and f"(1 threads, {this_cpu}: " in report
+    assert "Compute time of the finished runs" in report
     assert "minutes per method: full_ft " in report
     with pytest.raises(SystemExit, match="no finished method"):
         quality_smollm2.main(_arguments(tiny_llama, tmp_path / "empty") + ["--report"])
