@@ -209,9 +209,14 @@ def cpu_text(cpu):
     return f"{cpu['name']} ({cpu['cores']} cores, {'AMX bf16 units' if cpu['amx_bf16'] else 'no AMX units'})"
 
 
+def cpu_of(run):
+    """The CPU a finished run trained on (`EARLIER_CPU` for runs that predate the field)."""
+    return run.get("cpu", EARLIER_CPU)
+
+
 def cpu_label(run):
-    """"AMX" or "no AMX": the kind of CPU a finished run trained on (`EARLIER_CPU` for runs that predate the field)."""
-    return "AMX" if run.get("cpu", EARLIER_CPU)["amx_bf16"] else "no AMX"
+    """"AMX" or "no AMX": the kind of CPU a finished run trained on."""
+    return "AMX" if cpu_of(run)["amx_bf16"] else "no AMX"
 
 
 def prompt_of(task, source):
@@ -732,7 +737,7 @@ def cpus_text(per_seed):
     for results in per_seed.values():
         for method, r in results.items():
             if "tokens_per_second" in r and method not in SCORED_FROM_TWO_STAGE:
-                text = cpu_text(r.get("cpu", EARLIER_CPU))
+                text = cpu_text(cpu_of(r))
                 counts[text] = counts.get(text, 0) + 1
     return "; ".join(f"{text}: {n} trained run{'s' * (n > 1)}" for text, n in counts.items()) or "2-core x86 CPU"
 
@@ -954,15 +959,16 @@ def measure_speed(args, data):
     for label, row in rows.items():
         lines.append(f"| {label} | {row['fp32']:.0f} | {row['bf16']:.0f} | {row['bf16'] / row['fp32']:.2f} |")
     command = "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:])
+    cpu = cpu_description()
     report = ("\n".join(lines) + f"\n\nTraining tokens/s (prompt + answer, non-padding) over {args.speed_steps} "
               f"steps of batch {args.batch_size} after 2 warm-up steps, the same batches for every row; "
-              f"{args.num_threads} torch thread(s) on {cpu_text(cpu_description())}. Command: `{command}`.\n")
+              f"{args.num_threads} torch thread(s) on {cpu_text(cpu)}. Command: `{command}`.\n")
     print(report)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "speed.md").write_text(report)
     (output_dir / "speed.json").write_text(json.dumps(dict(command=command, tokens_per_second=rows,
-                                                           cpu=cpu_description()), indent=1))
+                                                           cpu=cpu), indent=1))
     return rows
 
 
