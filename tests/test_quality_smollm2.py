@@ -109,7 +109,7 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     # The setup line names the seeds reported and the threads the runs used, not those of the report command.
     this_cpu = quality_smollm2.cpu_text(quality_smollm2.cpu_description())
-    assert "seeds [0];" in report and f"(1 threads, {this_cpu}: " in report
+    assert "seeds [0];" in report and f"(1 thread, {this_cpu}: " in report
     assert "Compute time of the finished runs" in report
     assert "minutes per method: full_ft " in report
     with pytest.raises(SystemExit, match="no finished method"):
@@ -250,12 +250,14 @@ def test_compute_seconds_counts_a_shared_stage2_record_once():
                                                           "majority_label": 0}
 
 
-def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
-    def run(overall, speed, amx=None):
-        cpu = {} if amx is None else {"cpu": {"name": "Intel Xeon", "cores": 2, "amx_bf16": amx}}
-        return dict(overall=overall, scores={"sst2": {"accuracy": overall}}, tokens_per_second=speed,
-                    train_seconds=10.0, **cpu)
+def run_record(overall, speed, amx=None, **extra):
+    cpu = {} if amx is None else {"cpu": {"name": "Intel Xeon", "cores": 2, "amx_bf16": amx}}
+    return dict(overall=overall, scores={"sst2": {"accuracy": overall}}, tokens_per_second=speed,
+                train_seconds=10.0, **cpu, **extra)
 
+
+def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
+    run = run_record
     per_seed = {0: {"full_ft": run(0.7, 300.0)}, 1: {"full_ft": run(0.8, 100.0, amx=False)},
                 2: {"full_ft": run(0.9, 200.0, amx=True)}}
     summary, _ = quality_smollm2.summarize(per_seed, ["sst2"])
@@ -266,6 +268,15 @@ def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
     assert quality_smollm2.cpus_text(per_seed) == ("x86 CPU (2 cores, AMX bf16 units): 1 trained run; Intel Xeon "
                                                    "(2 cores, no AMX units): 1 trained run; Intel Xeon (2 cores, AMX "
                                                    "bf16 units): 1 trained run")
+
+def test_tokens_per_second_of_runs_at_other_thread_counts_stay_apart():
+    per_seed = {0: {"full_ft": run_record(0.7, 300.0, amx=False, num_threads=2)},
+                1: {"full_ft": run_record(0.8, 60.0, amx=False, num_threads=1)},
+                2: {"full_ft": run_record(0.9, 64.0, amx=False, num_threads=1)}}
+    summary, _ = quality_smollm2.summarize(per_seed, ["sst2"])
+    assert set(summary["full_ft"]["tokens_per_second"]) == {"no AMX", "no AMX, 1 thread"}
+    assert quality_smollm2.tokens_per_second_cell(summary["full_ft"]) == "300 (no AMX) / 62 (no AMX, 1 thread)"
+
 
 
 def test_zero_shot_is_scored_once_and_reused_by_the_other_seeds(tiny_llama, tmp_path, monkeypatch):
