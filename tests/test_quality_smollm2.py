@@ -257,9 +257,8 @@ def run_record(overall, speed, amx=None, **extra):
 
 
 def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
-    run = run_record
-    per_seed = {0: {"full_ft": run(0.7, 300.0)}, 1: {"full_ft": run(0.8, 100.0, amx=False)},
-                2: {"full_ft": run(0.9, 200.0, amx=True)}}
+    per_seed = {0: {"full_ft": run_record(0.7, 300.0)}, 1: {"full_ft": run_record(0.8, 100.0, amx=False)},
+                2: {"full_ft": run_record(0.9, 200.0, amx=True)}}
     summary, _ = quality_smollm2.summarize(per_seed, ["sst2"])
     speeds = summary["full_ft"]["tokens_per_second"]
     assert set(speeds) == {"AMX", "no AMX"}  # a run without the field predates it: the AMX machine
@@ -269,6 +268,7 @@ def test_tokens_per_second_are_averaged_per_kind_of_cpu_never_across_them():
                                                    "(2 cores, no AMX units): 1 trained run; Intel Xeon (2 cores, AMX "
                                                    "bf16 units): 1 trained run")
 
+
 def test_tokens_per_second_of_runs_at_other_thread_counts_stay_apart():
     per_seed = {0: {"full_ft": run_record(0.7, 300.0, amx=False, num_threads=2)},
                 1: {"full_ft": run_record(0.8, 60.0, amx=False, num_threads=1)},
@@ -276,7 +276,6 @@ def test_tokens_per_second_of_runs_at_other_thread_counts_stay_apart():
     summary, _ = quality_smollm2.summarize(per_seed, ["sst2"])
     assert set(summary["full_ft"]["tokens_per_second"]) == {"no AMX", "no AMX, 1 thread"}
     assert quality_smollm2.tokens_per_second_cell(summary["full_ft"]) == "300 (no AMX) / 62 (no AMX, 1 thread)"
-
 
 
 def test_zero_shot_is_scored_once_and_reused_by_the_other_seeds(tiny_llama, tmp_path, monkeypatch):
