@@ -95,6 +95,7 @@ SCORED_FROM_TWO_STAGE = STAGE2[1:]  # the two-stage model scored without task id
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Runs recorded before results named their CPU ran on the 2-core machine whose `lscpu` issue #18 quotes (amx_bf16).
 EARLIER_CPU = {"name": "x86 CPU", "cores": 2, "amx_bf16": True}
+DEFAULT_NUM_THREADS = 2  # also what runs that predate the `num_threads` field trained at
 
 
 def parse_arguments(argv=None):
@@ -152,7 +153,8 @@ def parse_arguments(argv=None):
     add("--mta_placement", nargs="+", default=["ffn"], choices=["ffn", "self_attention"],
         help="Sublayers that carry an MTA module (AlterCausalConfig.mta_placement); LoRA's rank follows the count.")
     add("--poly_skills", type=int, default=4)
-    add("--num_threads", type=int, default=2, help="torch threads (1 is faster while other jobs share the CPU).")
+    add("--num_threads", type=int, default=DEFAULT_NUM_THREADS,
+        help="torch threads (1 is faster while other jobs share the CPU).")
     add("--resume", action="store_true", help="Keep the methods already in output_dir/runs/seed*.json.")
     add("--quick", action="store_true", help="A few minutes: 2 seeds, few rows and steps (pipeline check).")
     add("--speed", action="store_true",
@@ -220,10 +222,11 @@ def threads_text(threads):
 
 
 def speed_condition(run):
-    """What a run's tokens/s depend on besides the method: the kind of CPU, and `--num_threads` where not 2 (the
-    default): "AMX", "no AMX", "no AMX, 1 thread". Runs that predate the `num_threads` field trained at 2."""
-    threads = run.get("num_threads", 2)
-    return ("AMX" if cpu_of(run)["amx_bf16"] else "no AMX") + ("" if threads == 2 else f", {threads_text(threads)}")
+    """What a run's tokens/s depend on besides the method: the kind of CPU, and `--num_threads` where not the default:
+    "AMX", "no AMX", "no AMX, 1 thread"."""
+    threads = run.get("num_threads", DEFAULT_NUM_THREADS)
+    default = threads == DEFAULT_NUM_THREADS
+    return ("AMX" if cpu_of(run)["amx_bf16"] else "no AMX") + ("" if default else f", {threads_text(threads)}")
 
 
 def prompt_of(task, source):
