@@ -87,17 +87,16 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"  # a packaged model (modeling_alter
 
 
 def fast_bf16() -> bool:
-    """Whether bf16 autocast is the fast choice here: a CUDA device with bf16, or (with no accelerator) a CPU with
-    bf16 matrix units (AVX512-BF16 or AMX; elsewhere bf16 runs slower than fp32 on a CPU)."""
+    """Whether bf16 autocast is the fast choice here: a CUDA device with bf16, or (with no accelerator) a CPU with AMX
+    bf16 units. With AVX512-BF16 alone, bf16 trained at about 0.6x the tokens/s of fp32 (docs/main-job.md)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     if has_accelerator():
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+    try:  # /proc/cpuinfo: older torch releases lack torch.cpu.get_capabilities()
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 BF16 = fast_bf16()
