@@ -208,6 +208,18 @@ def trim_causal_batch(inputs: dict) -> dict:
     return {**inputs, "labels": labels[:, -keep:], "logits_to_keep": keep, "position_ids": position_ids}
 
 
+def longest_first(dataset):
+    """`dataset` with its rows ordered by decreasing `input_ids` length (ties keep their order), so that evaluation
+    batches hold rows of similar length and pad less; the predictions and the `target_text` references are then
+    paired in that same order, and the per-task metrics are means over rows (or corpus scores) that do not depend on
+    it. A dataset without a `select` method or an `input_ids` column is returned unchanged."""
+    if not hasattr(dataset, "select") or "input_ids" not in getattr(dataset, "column_names", ()):
+        return dataset
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return dataset if order == list(range(len(lengths))) else dataset.select(order)
+
+
 class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
     r"""
     A [`Seq2SeqTrainer`] for [`AlterForConditionalGeneration`] that trains both stages in one `train()` call and
@@ -230,8 +242,9 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
       `exact_match`, computed on `model.generate(..., task_ids=...)` outputs against the dataset's `target_text`
       column or its decoded labels), their means `{prefix}_loss` and `{prefix}_mean_score`, and routing statistics
       per task (`{prefix}_{task}_routing_entropy`, `_routing_own_adapter`, `_routing_shared_adapters`; the per-module
-      tables are in `trainer.routing_stats` and logged at INFO level). A single dataset is evaluated as by
-      `Seq2SeqTrainer`.
+      tables are in `trainer.routing_stats` and logged at INFO level). Each task's rows are evaluated longest first
+      (`longest_first`: batches of similar lengths pad less), and a decoder-only model's loss forward runs the head
+      only where labels are, as in training. A single dataset is evaluated as by `Seq2SeqTrainer`.
     - **End of training**: routing statistics on the evaluation set (or on up to `args.routing_max_samples` training
       examples) are saved to `routing_stats.json` and drawn in `routing_heatmap.png` in `args.output_dir`.
     - **Many tasks**: during `train()` every task adapter is also a parameter of its own (`model.split_task_adapters()`,
@@ -428,10 +441,13 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
                                                **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         collect = collector is not None and "task_ids" in inputs
+        returns_logits = not (prediction_loss_only or self.args.prediction_loss_only or self.args.predict_with_generate)
+        # Unless the logits are returned, the head runs only where labels are, as in training (the same loss).
+        forward_inputs = trim_causal_batch(inputs) if causal and not returns_logits else inputs
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs, output_routing_weights=collect)
+            outputs = model(**forward_inputs, output_routing_weights=collect)
         if self.label_smoother is not None:
-            loss = self.label_smoother(outputs, inputs["labels"], shift_labels=causal).detach().mean()
+            loss = self.label_smoother(outputs, forward_inputs["labels"], shift_labels=causal).detach().mean()
         else:
             loss = outputs["loss"].detach().mean()
         if collect:
@@ -521,6 +537,7 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
             for task, dataset in datasets.items():
                 # Drop the samples that distributed sampling repeats, so that predictions pair up with references.
                 self.gather_function = self.accelerator.gather_for_metrics
+                dataset = longest_first(dataset)
                 dataloader = self.get_eval_dataloader(dataset)
                 output = self.evaluation_loop(
                     dataloader,
@@ -624,4 +641,4 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
 
 
 __all__ = ["AlterTrainer", "AlterTrainingArguments", "RoutingStatistics", "StageSwitchCallback", "has_accelerator",
-           "mta_module_labels", "trim_causal_batch"]
+           "longest_first", "mta_module_labels", "trim_causal_batch"]

@@ -11,7 +11,7 @@ from causal_utils import tiny_causal_lm
 from modeling_alter import AlterForCausalLM
 from modeling_alter.data import MultiTaskDataCollator, build_eval_datasets, build_multitask_dataset
 from modeling_alter.synthetic_tasks import make_synthetic_tasks
-from modeling_alter.trainer import AlterTrainer, causal_prompts, mta_module_labels, trim_causal_batch
+from modeling_alter.trainer import AlterTrainer, causal_prompts, longest_first, mta_module_labels, trim_causal_batch
 
 
 def causal_data(num_train_per_task=16, num_eval_per_task=4):
@@ -196,6 +196,71 @@ def test_evaluation_generates_from_the_prompt_only(tmp_path):
         alone = model.generate(input_ids=prompt, task_ids=batch["task_ids"][i:i + 1], max_new_tokens=5,
                                min_new_tokens=5)
         assert torch.equal(generated[i], alone[0, prompt.shape[1]:])
+
+
+def test_evaluation_loss_runs_the_head_only_where_labels_are_with_the_same_loss(tmp_path):
+    train_set, eval_sets = causal_data()
+    model = causal_model().eval()
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path), train_dataset=train_set, eval_dataset=eval_sets,
+                           processing_class=tokenizer())
+    batch = MultiTaskDataCollator(tokenizer())([eval_sets["reverse"][i] for i in range(4)])
+    batch = {k: v for k, v in batch.items() if k != "target_text"}
+    kept = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: kept.append(kwargs.get("logits_to_keep")),
+                                    with_kwargs=True)
+    loss, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
+    with torch.no_grad():
+        full = model(**batch).loss
+    width = batch["input_ids"].shape[1]
+    assert kept and 0 < kept[0] < width, (kept, width)
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+    trainer.args.predict_with_generate = False  # the logits are returned: the whole head runs
+    kept.clear()
+    loss, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    assert kept[0] in (None, 0) and logits.shape[1] == width
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+
+
+def test_longest_first_orders_rows_by_decreasing_length_and_keeps_ties_in_order():
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2], [4, 5, 6], [7]], "target_text": list("abcde")})
+    ordered = longest_first(rows)
+    assert ordered["target_text"] == ["b", "d", "c", "a", "e"]
+    already = rows.select([1, 3, 2, 0, 4])
+    assert longest_first(already) is already
+    plain = [{"input_ids": [1]}]
+    assert longest_first(plain) is plain and longest_first(rows.remove_columns("input_ids")).num_rows == 5
+
+
+def test_evaluation_runs_rows_longest_first_and_scores_each_generation_against_its_own_reference(tmp_path,
+                                                                                              monkeypatch):
+    import modeling_alter.trainer as trainer_module
+
+    tok = tokenizer()
+    rows = [{"source": "a" * n, "target": f"t{n}"} for n in (2, 9, 4, 12, 6, 3)]
+    eval_sets = build_eval_datasets({"copy": rows}, tok, TRAIN_TASKS, decoder_only=True)
+    model = causal_model().eval()
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path, per_device_eval_batch_size=2),
+                           eval_dataset=eval_sets, processing_class=tok)
+    widths, scored = [], []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1])
+                                    if kwargs.get("labels") is not None else None, with_kwargs=True)
+    real_metric = trainer_module.compute_metric
+    monkeypatch.setattr(trainer_module, "compute_metric",
+                        lambda metric, predictions, references: scored.append((predictions, references))
+                        or real_metric(metric, predictions, references))
+    trainer.evaluate(max_new_tokens=3, min_new_tokens=3)
+    assert widths == sorted(widths, reverse=True) and len(widths) == 3
+    predictions, references = scored[0]
+    assert sorted(references) == sorted(row["target"] for row in rows) and references[0] == "t12"
+    by_target = {row["target_text"]: row for row in eval_sets["copy"]}
+    for prediction, reference in zip(predictions, references):  # each generation is its own row's
+        row = by_target[reference]
+        prompt = torch.tensor([[t for t, label in zip(row["input_ids"], row["labels"]) if label == -100]])
+        alone = model.generate(input_ids=prompt, task_ids=torch.tensor([row["task_ids"]]), max_new_tokens=3,
+                               min_new_tokens=3)
+        assert prediction == tok.decode(alone[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def test_example_script_trains_a_causal_base_model(tmp_path):

@@ -19,7 +19,7 @@ from training_utils import TRAIN_TASKS, tiny_data, tokenizer
 
 from modeling_alter import AlterForConditionalGeneration
 from modeling_alter.callback import StageSwitchCallback
-from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments
+from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments, longest_first
 
 COMMON = dict(
     per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-3, max_steps=4, logging_steps=1,
@@ -262,8 +262,9 @@ def test_callback_and_arguments_merge_or_disagree_clearly(tmp_path, data):
 def test_per_task_scores_pair_each_generation_with_its_own_reference_when_grouping_by_length(tmp_path, monkeypatch):
     """Transformers 5 also groups evaluation batches by length (a shuffled order) under
     `train_sampling_strategy="group_by_length"`, while per-task scores read the references from the dataset's
-    `target_text` column: AlterTrainer evaluates in the dataset's order, so the generations and references scored
-    are the same pairs as without grouping (before, they were misaligned and the main job scored at chance)."""
+    `target_text` column: AlterTrainer evaluates each task's rows in one fixed order (longest first) and reads the
+    references in that order, so the generations and references scored are the same pairs as without grouping
+    (before, they were misaligned and the main job scored at chance)."""
     import modeling_alter.trainer as trainer_module
 
     _, eval_sets = tiny_data(num_train_per_task=4, num_eval_per_task=24)
@@ -279,4 +280,5 @@ def test_per_task_scores_pair_each_generation_with_its_own_reference_when_groupi
     plain, grouped = scored[: len(eval_sets)], scored[len(eval_sets):]
     assert len({prediction for pairs in plain for prediction, _ in pairs}) > 1  # the order is visible in the outputs
     assert grouped == plain
-    assert [reference for _, reference in plain[0]] == list(next(iter(eval_sets.values()))["target_text"])
+    first = next(iter(eval_sets.values()))
+    assert [reference for _, reference in plain[0]] == longest_first(first)["target_text"] != first["target_text"]
