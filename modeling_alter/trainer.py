@@ -213,7 +213,7 @@ def longest_first(dataset):
     batches hold rows of similar length and pad less; the predictions and the `target_text` references are then
     paired in that same order, and the per-task metrics are means over rows (or corpus scores) that do not depend on
     it. A dataset without a `select` method or an `input_ids` column is returned unchanged."""
-    if not hasattr(dataset, "select") or "input_ids" not in getattr(dataset, "column_names", ()):
+    if not hasattr(dataset, "select") or "input_ids" not in (getattr(dataset, "column_names", None) or ()):
         return dataset
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])

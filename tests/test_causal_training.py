@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LabelSmoother
 from training_utils import TRAIN_TASKS, snapshot, stage_sets, tiny_args, tokenizer
 
 from causal_utils import tiny_causal_lm
@@ -219,6 +220,12 @@ def test_evaluation_loss_runs_the_head_only_where_labels_are_with_the_same_loss(
     loss, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
     assert kept[0] in (None, 0) and logits.shape[1] == width
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-6)
+    smoothing = LabelSmoother(epsilon=0.1)  # with label smoothing, the trimmed logits against the trimmed labels
+    trainer.label_smoother, trainer.args.predict_with_generate = smoothing, True
+    loss, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
+    with torch.no_grad():
+        smoothed = smoothing(model(**batch), batch["labels"], shift_labels=True)
+    torch.testing.assert_close(loss, smoothed, rtol=1e-5, atol=1e-6)
 
 
 def test_longest_first_orders_rows_by_decreasing_length_and_keeps_ties_in_order():
