@@ -441,7 +441,8 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
                                                **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         collect = collector is not None and "task_ids" in inputs
-        returns_logits = not (prediction_loss_only or self.args.prediction_loss_only or self.args.predict_with_generate)
+        loss_only = prediction_loss_only or self.args.prediction_loss_only
+        returns_logits = not loss_only and not self.args.predict_with_generate
         # Unless the logits are returned, the head runs only where labels are, as in training (the same loss).
         forward_inputs = trim_causal_batch(inputs) if causal and not returns_logits else inputs
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -457,10 +458,10 @@ class AlterTrainer(AlterStagesMixin, Seq2SeqTrainer):
                 # distributed sampler repeats to even out the last batches.
                 statistics = self.accelerator.gather_for_metrics(statistics)
             collector.update(*statistics)
-        if prediction_loss_only or self.args.prediction_loss_only:
+        if loss_only:
             return loss, None, None
         labels = inputs["labels"]
-        if not self.args.predict_with_generate:
+        if returns_logits:
             return loss, outputs["logits"].detach(), labels
         generation_inputs = {
             k: v for k, v in inputs.items() if k not in ("labels", "decoder_input_ids", "decoder_attention_mask")
