@@ -659,29 +659,36 @@ def run_alter(args, seed, data, results, frozen_dtype):
 # Summary
 
 
-def paired_difference(ours, theirs):
+def paired_difference(ours, theirs, seed_ids=None):
     """Per-seed differences `ours - theirs` (equal-length lists, fractions): mean, std, "better" (seeds where ours is
-    higher), "seeds" and "deltas"."""
+    higher), "seeds" (how many), "deltas" and, when given, "seed_ids" (which seeds, in the lists' order)."""
     deltas = [x - y for x, y in zip(ours, theirs)]
     mean, std = mean_std(deltas)
-    return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas)
+    return dict(mean=mean, std=std, better=sum(d > 0 for d in deltas), seeds=len(deltas), deltas=deltas,
+                **({"seed_ids": list(seed_ids)} if seed_ids is not None else {}))
 
 
 def paired_text(d):
-    """`paired_difference` in points: mean ± std (k/N seeds better; per seed ...)."""
+    """`paired_difference` in points: "+1.23 ± 0.14 points (3/3 seeds better; per seed +1.21, +1.37, +1.09)"; over one
+    seed "+1.25 points (1/1 seeds better; seed 0)" when its seed is known."""
+    if d["seeds"] == 1:
+        which = f"seed {d['seed_ids'][0]}" if "seed_ids" in d else f"{100 * d['deltas'][0]:+.2f}"
+        return f"{100 * d['mean']:+.2f} points ({d['better']}/1 seeds better; {which})"
     return (f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} points ({d['better']}/{d['seeds']} seeds better; per seed "
             + ", ".join(f"{100 * x:+.2f}" for x in d["deltas"]) + ")")
 
 
 def summarize(per_seed, tasks):
-    """Per method (present in every seed): mean ± std per task metric and overall, and paired differences."""
-    seeds = list(per_seed)
+    """Per method, over the seeds that have finished it (`entry["seeds"]`, a method need not have finished in every
+    seed): mean ± std per task metric and overall, and paired differences, each over the seeds both methods have
+    finished."""
     summary = {}
     for method in METHODS:
-        if not all(method in per_seed[s] for s in seeds):
+        seeds = [s for s in per_seed if method in per_seed[s]]
+        if not seeds:
             continue
         runs = [per_seed[s][method] for s in seeds]
-        entry = {"overall_per_seed": [r["overall"] for r in runs], "per_task": {}}
+        entry = {"seeds": seeds, "overall_per_seed": [r["overall"] for r in runs], "per_task": {}}
         for task in tasks:
             for metric in TASKS[task][1]:
                 entry["per_task"][f"{task}/{metric}"] = mean_std([r["scores"][task][metric] for r in runs])
@@ -695,17 +702,18 @@ def summarize(per_seed, tasks):
         summary[method] = entry
 
     def paired(a, b):
-        return paired_difference(summary[a]["overall_per_seed"], summary[b]["overall_per_seed"])
+        seeds = [s for s in summary[a]["seeds"] if s in summary[b]["seeds"]]
+        if not seeds:
+            return None
+        return paired_difference([per_seed[s][a]["overall"] for s in seeds], [per_seed[s][b]["overall"] for s in seeds],
+                                 seeds)
 
-    pairs = {}
-    for method in summary:
-        if method != REFERENCE and REFERENCE in summary:
-            pairs[f"{method} - {REFERENCE}"] = paired(method, REFERENCE)
-    for a, b in (("alter_frozen", "lora"), ("alter_frozen", "poly"), ("alter_two_stage", "alter_stage1"),
-                 ("alter_prefix", "alter_two_stage"), ("alter_gate_only", "alter_two_stage"),
-                 ("alter_stage1", "lora")):
-        if a in summary and b in summary:
-            pairs[f"{a} - {b}"] = paired(a, b)
+    candidates = [(method, REFERENCE) for method in summary if method != REFERENCE and REFERENCE in summary]
+    candidates += [(a, b) for a, b in (("alter_frozen", "lora"), ("alter_frozen", "poly"),
+                                       ("alter_two_stage", "alter_stage1"), ("alter_prefix", "alter_two_stage"),
+                                       ("alter_gate_only", "alter_two_stage"), ("alter_stage1", "lora"))
+                   if a in summary and b in summary]
+    pairs = {f"{a} - {b}": d for a, b in candidates if (d := paired(a, b))}
     return summary, pairs
 
 
@@ -724,7 +732,7 @@ def paired_with_folder(per_seed, folder):
         for split, key in (("dev", "best_dev"), ("eval", "overall")):
             if all(key in per_seed[s][method] and key in other[s][method] for s in seeds):
                 entry[split] = paired_difference([per_seed[s][method][key] for s in seeds],
-                                                 [other[s][method][key] for s in seeds])
+                                                 [other[s][method][key] for s in seeds], seeds)
         pairs[method] = entry
     return pairs
 
@@ -801,14 +809,18 @@ def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
     seeds where both rows finished: two-stage above full fine-tuning, frozen-backbone ALTER above LoRA (equal trainable
     parameters), each in every seed; stage 2 above the stage-1 weights it starts from with its training time at most
     `stage2_budget` of stage 1's; prefix routing within `prefix_margin` of task ids. Returns
-    `{name: {"met", "detail"}}`; a criterion whose rows have not finished is left out."""
+    `{name: {"met", "detail", "seeds", "of_seeds"}}` ("seeds": how many seeds it was judged on, "of_seeds": how many
+    `per_seed` holds); a criterion whose rows have not finished in any seed is left out."""
     criteria = {}
+
+    def judged(name, met, detail, d):
+        criteria[name] = dict(met=met, detail=detail, seeds=d["seeds"], of_seeds=max(len(per_seed), d["seeds"]))
+        return criteria[name]
 
     def every_seed(name, key):
         d = pairs[key]
-        criteria[name] = dict(met=d["better"] == d["seeds"], detail=f"{d['better']}/{d['seeds']} seeds, "
-                              f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} points")
-        return criteria[name]
+        return judged(name, d["better"] == d["seeds"], f"{d['better']}/{d['seeds']} seeds, {100 * d['mean']:+.1f} ± "
+                      f"{100 * d['std']:.1f} points", d)
 
     if "alter_two_stage - full_ft" in pairs:
         every_seed("ALTER two-stage above multi-task full fine-tuning in every seed", "alter_two_stage - full_ft")
@@ -824,14 +836,20 @@ def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
     if "alter_prefix - alter_two_stage" in pairs:
         d = pairs["alter_prefix - alter_two_stage"]
         worst = max(abs(x) for x in d["deltas"])
-        criteria[f"prefix routing within {100 * prefix_margin:.0f} points of task ids"] = dict(
-            met=worst <= prefix_margin, detail=f"largest difference {100 * worst:.1f} points over {d['seeds']} seeds")
+        judged(f"prefix routing within {100 * prefix_margin:.0f} points of task ids", worst <= prefix_margin,
+               f"largest difference {100 * worst:.1f} points over {d['seeds']} seeds", d)
     return criteria
 
 
 def render_criteria(criteria):
-    """One line per criterion of `recipe_criteria`: "Met" or "NOT met", its name and its figures."""
-    return "\n".join(f"- {'Met' if c['met'] else 'NOT met'}: {name} ({c['detail']})" for name, c in criteria.items())
+    """One line per criterion of `recipe_criteria`: "Met", "NOT met" or, met on fewer seeds than were run, "Met so
+    far (k of n seeds)"; its name and its figures."""
+    def verdict(c):
+        if not c["met"]:
+            return "NOT met"
+        return "Met" if c["seeds"] >= c["of_seeds"] else f"Met so far ({c['seeds']} of {c['of_seeds']} seeds)"
+
+    return "\n".join(f"- {verdict(c)}: {name} ({c['detail']})" for name, c in criteria.items())
 
 
 def tokens_per_second_cell(entry):
@@ -843,23 +861,37 @@ def tokens_per_second_cell(entry):
                       for label, ms in sorted(entry["tokens_per_second"].items()))
 
 
-def _pct(ms):
-    return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+def _pct(ms, seeds=2):
+    return f"{100 * ms[0]:.1f}" + (f" ± {100 * ms[1]:.1f}" if seeds > 1 else "")
+
+
+def _delta_cell(d):
+    """A paired difference in points: "+2.1 ± 0.7 (3/3 better)"; over one seed "-2.0 (0/1 better)"."""
+    if not d:
+        return "—"
+    return f"{100 * d['mean']:+.1f}" + (f" ± {100 * d['std']:.1f}" if d["seeds"] > 1 else "") + \
+        f" ({d['better']}/{d['seeds']} better)"
+
+
+def seeds_cell(entry, per_seed):
+    """How many seeds a row stands on, naming them when the row has not finished in every seed reported:
+    "3", "1 (seed 0)", "2 (seeds 0, 1)"."""
+    seeds = entry["seeds"]
+    if len(seeds) == len(per_seed):
+        return str(len(seeds))
+    return f"{len(seeds)} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
 
 
 def render_summary(summary, pairs, per_seed, tasks):
     """The short table (overall mean ± std, paired difference to full fine-tuning, trainable parameters, tokens/s)
     that the README quotes; `render` gives the per-task one."""
-    seeds = len(per_seed)
-    first = per_seed[next(iter(per_seed))]
-    lines = [f"| method ({len(tasks)} real tasks, overall %, mean ± std over {seeds} seed{'s' * (seeds > 1)}) "
-             "| overall | Δ vs full FT (paired) | trainable parameters | train tokens/s |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| method ({len(tasks)} real tasks, overall %, mean ± std over its seeds) | seeds | overall "
+             "| Δ vs full FT (paired) | trainable parameters | train tokens/s |", "|---|---:|---:|---:|---:|---:|"]
     for method, entry in summary.items():
-        d = pairs.get(f"{method} - {REFERENCE}")
-        params = first[method].get("trainable_parameters")
+        params = per_seed[entry["seeds"][0]][method].get("trainable_parameters")
         lines.append("| " + " | ".join([
-            METHODS[method], _pct(entry["overall"]),
-            f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—",
+            METHODS[method], seeds_cell(entry, per_seed), _pct(entry["overall"], len(entry["seeds"])),
+            _delta_cell(pairs.get(f"{method} - {REFERENCE}")),
             f"{params:,}" + (" (stage 2)" if method in STAGE2 else "") if params else "—",
             tokens_per_second_cell(entry)]) + " |")
     return "\n".join(lines)
@@ -867,18 +899,16 @@ def render_summary(summary, pairs, per_seed, tasks):
 
 def render(summary, pairs, per_seed, tasks, args):
     columns = [f"{t}/{m}" for t in tasks for m in TASKS[t][1]]
-    header = ["method", *columns, "**overall**", "Δ vs full FT (paired)", "trainable params", "train tokens/s",
+    header = ["method", "seeds", *columns, "**overall**", "Δ vs full FT (paired)", "trainable params", "train tokens/s",
               "steps to best (trained)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    first = per_seed[next(iter(per_seed))]
     for method, entry in summary.items():
-        result = first[method]
-        cells = [METHODS[method], *(_pct(entry["per_task"][c]) for c in columns), f"**{_pct(entry['overall'])}**"]
-        d = pairs.get(f"{method} - {REFERENCE}")
-        cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['better']}/{d['seeds']} better)" if d else "—")
+        runs = [per_seed[s][method] for s in entry["seeds"]]
+        result, n = runs[0], len(runs)
+        cells = [METHODS[method], seeds_cell(entry, per_seed), *(_pct(entry["per_task"][c], n) for c in columns),
+                 f"**{_pct(entry['overall'], n)}**", _delta_cell(pairs.get(f"{method} - {REFERENCE}"))]
         cells.append(f"{result.get('trainable_parameters', 0):,}" if result.get("trainable_parameters") else "—")
         cells.append(tokens_per_second_cell(entry))
-        runs = [per_seed[s][method] for s in per_seed]
         if "steps_trained" not in result:
             cells.append("—")
         elif "stage1_best_step" in result:
@@ -1015,6 +1045,9 @@ def main(argv=None):
         per_method = compute_seconds(per_seed)
         total = sum(per_method.values())
         breakdown = "; minutes per method: " + ", ".join(f"{m} {t / 60:.1f}" for m, t in per_method.items() if t)
+        if len(per_seed) > 1:
+            breakdown += "; per seed: " + ", ".join(f"seed {s} {sum(compute_seconds({s: r}).values()) / 60:.1f}"
+                                                    for s, r in per_seed.items())
         threads = "/".join(map(str, sorted({r["num_threads"] for results in per_seed.values()
                                             for r in results.values() if "num_threads" in r}))) or None
         seeds = list(per_seed)

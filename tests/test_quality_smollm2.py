@@ -64,7 +64,8 @@ def test_every_method_runs_and_resume_trains_nothing_twice(tiny_llama, tmp_path,
     table = (tmp_path / "results.md").read_text()
     assert "| ALTER two-stage |" in table and "alter_two_stage minus alter_stage1" in table
     summary = table.split("\n\n")[0].split("\n")  # the short table the README quotes comes first
-    assert summary[0].startswith("| method (2 real tasks, overall %, mean ± std over 1 seed) | overall |")
+    assert summary[0].startswith("| method (2 real tasks, overall %, mean ± std over its seeds) | seeds | overall |")
+    assert any(line.startswith("| Multi-task full fine-tuning | 1 | ") for line in summary)
     assert len(summary) == 2 + len(quality_smollm2.METHODS)
     assert any(line.startswith("| ALTER two-stage, no task ids, gate only |") and "(stage 2)" in line
                for line in summary)
@@ -216,6 +217,35 @@ def test_recipe_criteria_need_every_seed_the_stage2_time_budget_and_prefix_withi
     assert list(quality_smollm2.recipe_criteria({"alter_two_stage - full_ft": pair(0.01)}, {})) == [
         "ALTER two-stage above multi-task full fine-tuning in every seed"]
     assert quality_smollm2.render_criteria(criteria).count("- NOT met: ") == 2
+
+
+def test_a_row_finished_in_fewer_seeds_is_reported_over_its_own_seeds_and_paired_over_shared_ones():
+    both = {"full_ft": run_record(0.70, 100.0), "alter_two_stage": run_record(0.72, 100.0),
+            "alter_stage1": run_record(0.71, 100.0)}
+    per_seed = {0: {**both, "lora": run_record(0.66, 100.0), "alter_frozen": run_record(0.69, 100.0)},
+                1: dict(both, full_ft=run_record(0.74, 100.0)), 2: dict(both)}
+    for results in per_seed.values():
+        results["alter_two_stage"].update(stage1_train_seconds=1000.0, train_seconds=50.0)
+    summary, pairs = quality_smollm2.summarize(per_seed, ["sst2"])
+    assert summary["lora"]["seeds"] == [0] and summary["full_ft"]["seeds"] == [0, 1, 2]
+    assert pairs["lora - full_ft"]["seed_ids"] == [0] and pairs["lora - full_ft"]["mean"] == pytest.approx(-0.04)
+    assert pairs["alter_frozen - lora"]["deltas"] == [pytest.approx(0.03)]
+    assert pairs["alter_two_stage - full_ft"]["better"] == 2 and pairs["alter_two_stage - full_ft"]["seeds"] == 3
+    table = quality_smollm2.render_summary(summary, pairs, per_seed, ["sst2"]).split("\n")
+    assert table[0].startswith("| method (1 real tasks, overall %, mean ± std over its seeds) | seeds | overall |")
+    lora = next(line for line in table if line.startswith("| Multi-task LoRA"))
+    assert "| 1 (seed 0) | 66.0 | -4.0 (0/1 better) |" in lora  # one seed: no ± to print
+    full_ft = next(line for line in table if line.startswith("| Multi-task full fine-tuning |"))
+    assert "| 3 | 71.3 ± 2.3 | — |" in full_ft
+    assert "| 1 (seed 0) | 66.0 |" in quality_smollm2.render(summary, pairs, per_seed, ["sst2"], None)
+    criteria = quality_smollm2.recipe_criteria(pairs, per_seed)
+    frozen = "frozen-backbone ALTER above LoRA (equal trainable parameters) in every seed"
+    assert criteria[frozen]["met"] and (criteria[frozen]["seeds"], criteria[frozen]["of_seeds"]) == (1, 3)
+    lines = quality_smollm2.render_criteria(criteria).split("\n")
+    assert f"- Met so far (1 of 3 seeds): {frozen} (1/1 seeds, +3.0 ± 0.0 points)" in lines
+    assert "- NOT met: ALTER two-stage above multi-task full fine-tuning in every seed (2/3 seeds" in lines[0]
+    notes = quality_smollm2.render(summary, pairs, per_seed, ["sst2"], None)
+    assert "- alter_frozen minus lora: +3.00 points (1/1 seeds better; seed 0)" in notes
 
 
 def test_validity_gate_needs_twenty_points_overall_and_every_classification_task_above_its_floor():
