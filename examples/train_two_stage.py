@@ -185,6 +185,15 @@ class ModelArguments:
         default=None, metadata={"help": "Tokenizer folder or Hub id (default: base_model, or ByT5 bytes from scratch)."}
     )
     adapter_dim: int = field(default=32, metadata={"help": "Bottleneck size of every adapter."})
+    adapter_form: str = field(
+        default="plain", metadata={"choices": ["plain", "gated"], "help": "Each adapter as U act(D u) ('plain') or "
+                                   "U (act(D u) * L u) ('gated'). A gated adapter with --adapter_activation equal to "
+                                   "the backbone MLP's activation (silu for SmolLM2) exports exactly as a plain "
+                                   "checkpoint of the backbone's architecture (alter-hub export-task)."}
+    )
+    adapter_activation: str = field(
+        default="relu", metadata={"help": "Activation inside every adapter (a transformers ACT2FN name)."}
+    )
     num_shared_adapters: int = field(default=1, metadata={"help": "Number of shared adapters (trained in stage 2)."})
     router_top_k: int | None = field(default=None, metadata={"help": "Top-k routing in stage 2 (default: dense)."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
@@ -508,6 +517,8 @@ def build_model_and_tokenizer(model_args: ModelArguments, task_names: list[str],
     With `task_prefixes` (task -> prefix), the model routes inputs by prefix (`config.task_prefixes`)."""
     mta_kwargs = {
         "adapter_dim": model_args.adapter_dim,
+        "adapter_form": model_args.adapter_form,
+        "adapter_activation": model_args.adapter_activation,
         "num_shared_adapters": model_args.num_shared_adapters,
         "router_top_k": model_args.router_top_k,
         "router_aux_loss_coef": model_args.router_aux_loss_coef,

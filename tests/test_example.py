@@ -205,6 +205,36 @@ def test_main_job_with_a_tiny_llama(tmp_path):
     assert "max_length" not in generation  # evaluation left the model's generation config as it was
 
 
+def test_main_job_with_gated_adapters_exports_a_task_as_a_plain_llama(tmp_path):
+    """`--adapter_form gated --adapter_activation silu` trains adapters that mirror the Llama MLP, so a task of the
+    job's output exports (`alter-hub export-task --stage1`) as a plain LlamaForCausalLM computing it exactly."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from hub_upload.__main__ import main as alter_hub
+
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "tiny-llama")
+    ByT5Tokenizer().save_pretrained(tmp_path / "tokenizer")
+    out = tmp_path / "out"
+    finish(start_example(
+        "--base_model", tmp_path / "tiny-llama", "--tokenizer_name", tmp_path / "tokenizer", "--output_dir", out,
+        "--max_steps", "4", "--stage1_steps", "2", "--per_device_train_batch_size", "8", "--max_train_samples", "32",
+        "--max_eval_samples_per_task", "2", "--adapter_dim", "8", "--eval_zero_shot", "false",
+        "--adapter_form", "gated", "--adapter_activation", "silu",
+    ))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["adapter_form"], config["adapter_activation"], config["stage"]) == ("gated", "silu", 2)
+    assert alter_hub(["export-task", str(out), "trec", str(tmp_path / "trec"), "--stage1"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "trec")
+    assert type(plain) is LlamaForCausalLM
+    assert plain.config.intermediate_size == tiny_causal_lm("llama").config.intermediate_size + 8
+    alter = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    alter.set_stage(1)
+    ids = AutoTokenizer.from_pretrained(out)(["trec: Who wrote Hamlet?\nAnswer:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, alter(ids, task_ids=alter.task_ids(["trec"])).logits,
+                                   rtol=0, atol=1e-5)
+
+
 def test_main_job_with_the_real_smollm2_in_a_short_run(tmp_path):
     """The main job as the README runs it (no --base_model: the packaged SmolLM2-135M-Instruct, made once into
     $ALTER_CACHE from PyPI; nothing from the Hub), cut to 2 steps on 8 rows and 2 evaluation rows per task."""
