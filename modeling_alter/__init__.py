@@ -39,6 +39,8 @@ _LAZY = {
     "mixing_rates": ".data",
     "compute_metric": ".metrics",
     "make_synthetic_tasks": ".synthetic_tasks",
+    "load_mta_weights": ".peft_wrapping",
+    "save_mta_weights": ".peft_wrapping",
 }
 
 

@@ -41,6 +41,7 @@ from transformers.utils import logging
 
 from .callback import StageSwitchCallback
 from .data import TASK_COLUMNS, TaskIdsCollator
+from .peft_wrapping import MTA_WEIGHTS_NAME, load_mta_weights, save_mta_weights, unwrap_alter_model
 
 logger = logging.get_logger(__name__)
 
@@ -84,19 +85,6 @@ def check_supported_options(args) -> None:
             "padding_free=True is not supported for ALTER models: it flattens the batch into one sequence, which "
             "has one task id, while ALTER routes each example to its own task adapter. Set padding_free=False."
         )
-
-
-def unwrap_alter_model(model):
-    """The ALTER model inside `model` (itself, or the base model of a PEFT wrapper); `ValueError` if there is none."""
-    inner = model
-    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
-        inner = model.get_base_model()
-    if not (hasattr(inner, "set_stage") and hasattr(inner, "trainable_parameter_names")):
-        raise ValueError(
-            f"ALTER's stages train an AlterForConditionalGeneration or AlterForCausalLM (or a PEFT model around one), "
-            f"got {type(model).__name__}."
-        )
-    return inner
 
 
 class AlterStagesMixin:
@@ -315,15 +303,44 @@ class AlterStagesMixin:
         return result
 
     def _save(self, output_dir=None, state_dict=None):
-        """`Trainer._save` without Transformers' "Writing model shards" progress bar: the trainer shows its own, and a
-        bar opened under the training bar (checkpoints) writes cursor-up characters into logs."""
-        if not logging.is_progress_bar_enabled():
-            return super()._save(output_dir, state_dict)
-        logging.disable_progress_bar()
+        """`Trainer._save` without Transformers' "Writing model shards" progress bar (the trainer shows its own, and a
+        bar opened under the training bar (checkpoints) writes cursor-up characters into logs); for a PEFT-wrapped
+        model also ALTER's own weights, which PEFT does not save (`peft_wrapping.save_mta_weights`)."""
+        enabled = logging.is_progress_bar_enabled()
+        if enabled:
+            logging.disable_progress_bar()
         try:
-            return super()._save(output_dir, state_dict)
+            result = super()._save(output_dir, state_dict)
         finally:
-            logging.enable_progress_bar()
+            if enabled:
+                logging.enable_progress_bar()
+        if self.args.should_save and self._under_peft():
+            save_mta_weights(self.alter_model, output_dir if output_dir is not None else self.args.output_dir)
+        return result
+
+    def _under_peft(self) -> bool:
+        return self.alter_model.peft_adapter_parameter_names() is not None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """`Trainer._load_from_checkpoint`; under PEFT also ALTER's own weights (`peft_wrapping.load_mta_weights`),
+        keeping the stage the resumed run restored."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_mta_weights_under_peft(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        self._load_mta_weights_under_peft(self.state.best_model_checkpoint)
+
+    def _load_mta_weights_under_peft(self, checkpoint) -> None:
+        if checkpoint is None or not self._under_peft():
+            return
+        if not os.path.isfile(os.path.join(checkpoint, MTA_WEIGHTS_NAME)):
+            raise ValueError(
+                f"Checkpoint {checkpoint} holds PEFT's adapter but not ALTER's own weights ({MTA_WEIGHTS_NAME}): it was "
+                "not written by a trainer with AlterStagesMixin, and loading it would reset the task adapters and gate.")
+        stage = self.alter_model.config.stage
+        load_mta_weights(self.alter_model, checkpoint)
+        self.alter_model.set_stage(stage)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         """

@@ -2,6 +2,7 @@
 (AlterTrainer, TRL's SFTTrainer with `peft_config`), for both families; where PEFT drops the ids, a clear error."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -102,6 +103,93 @@ def test_alter_trainer_trains_a_lora_wrapped_t5_in_two_stages(tmp_path):
     assert model.config.stage == 2 and changed <= stage1 | stage2
     assert any("lora_" in n for n in changed) and changed & stage2
     assert not any("base_layer" in n for n in changed)
+
+
+def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_and_resume(tmp_path):
+    """PEFT saves only LoRA; AlterTrainer also writes the task adapters, gate, ... and the stage
+    (`alter_mta.safetensors`): the folder reloads into the trained model, and a run resumed in stage 2 from a
+    checkpoint ends with the weights of the uninterrupted run."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from modeling_alter import load_mta_weights
+
+    train_set, _ = tiny_data()
+
+    def run(output_dir, resume=None):
+        peft_model = get_peft_model(tiny_model(), LoraConfig(**T5_LORA))
+        trainer = AlterTrainer(model=peft_model, args=tiny_args(output_dir, save_strategy="steps", save_steps=2),
+                               train_dataset=train_set, processing_class=tokenizer())
+        trainer.train(resume_from_checkpoint=resume)
+        return peft_model
+
+    trained = run(tmp_path / "run")
+    final = tmp_path / "run" / "checkpoint-6"
+    assert set(load_file(final / "adapter_model.safetensors")) and all(
+        "lora_" in name for name in load_file(final / "adapter_model.safetensors"))  # PEFT's file: LoRA only
+    mta = load_file(final / "alter_mta.safetensors")
+    assert mta and all(".mta." in name for name in mta)
+    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 6
+
+    reloaded = PeftModel.from_pretrained(tiny_model(), final)  # the backbone as the run started it
+    reloaded.get_base_model().route_task_ids_through(reloaded)
+    with pytest.raises(AssertionError):  # PEFT's folder alone: untrained task adapters and gate, stage 1
+        assert_same_outputs(trained, reloaded)
+    load_mta_weights(reloaded, final)
+    assert reloaded.get_base_model().config.stage == 2
+    assert_same_outputs(trained, reloaded)
+
+    resumed = run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-4"))  # stage 2, fresh weights
+    assert resumed.get_base_model().config.stage == 2
+    assert_same_outputs(trained, resumed)
+
+    # One self-contained ALTER folder instead: LoRA merged into the backbone, every ALTER weight saved.
+    from transformers import AutoModelForSeq2SeqLM
+
+    merged_dir = tmp_path / "merged"
+    expected = outputs(trained)
+    reloaded.merge_and_unload().save_pretrained(merged_dir)
+    standalone = AutoModelForSeq2SeqLM.from_pretrained(merged_dir, trust_remote_code=True)
+    torch.testing.assert_close(outputs(standalone), expected, rtol=0, atol=1e-5)
+
+    with pytest.raises(FileNotFoundError, match="alter_mta.safetensors does not exist"):
+        load_mta_weights(reloaded, tmp_path)
+    wrong = get_peft_model(tiny_model(adapter_dim=4), LoraConfig(**T5_LORA))
+    with pytest.raises(ValueError, match="does not match the model's MTA modules"):
+        load_mta_weights(wrong, final)
+
+
+def test_load_best_model_at_end_under_peft_loads_alters_own_weights_too(tmp_path):
+    """The best checkpoint (here the first, in stage 1) comes back whole: LoRA from PEFT's file, the task adapters
+    from ALTER's, while the run keeps its stage."""
+    from safetensors.torch import load_file
+
+    train_set, eval_sets = tiny_data()
+    model = tiny_model()
+    peft_model = get_peft_model(model, LoraConfig(**T5_LORA))
+    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
+                     save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=True)  # the first, worse checkpoint
+    trainer = AlterTrainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                           processing_class=tokenizer())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = load_file(f"{trainer.state.best_model_checkpoint}/alter_mta.safetensors")
+    last = load_file(tmp_path / "checkpoint-4" / "alter_mta.safetensors")
+    state = model.state_dict()
+    assert any(not torch.equal(best[name], last[name]) for name in best)  # the task adapters trained after step 2
+    assert all(torch.equal(state[name], tensor) for name, tensor in best.items())
+    assert model.config.stage == 1
+
+
+def outputs(model):
+    model.eval()
+    with torch.no_grad():
+        return model(**random_batch(), task_ids=torch.tensor([0, 1, 2, 1])).logits
+
+
+def assert_same_outputs(a, b):
+    torch.testing.assert_close(outputs(a), outputs(b), rtol=0, atol=1e-6)
 
 
 def test_sft_trainer_with_peft_config_trains_both_stages(tmp_path):

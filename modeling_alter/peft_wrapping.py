@@ -1,0 +1,98 @@
+"""An ALTER model inside a PEFT wrapper: finding it, and saving and loading ALTER's own weights next to PEFT's.
+
+`PeftModel.save_pretrained` (and so `Trainer.save_model` and every checkpoint of a PEFT-wrapped model) writes only
+the weights PEFT injected (LoRA's `lora_A` / `lora_B`, ...). Under PEFT an ALTER model also trains weights of its
+own, in every MTA module: the task adapters in stage 1; the gate, task embeddings and shared adapters in stage 2.
+PEFT does not save them, so a PEFT folder alone reloads an ALTER model with untrained adapters and gate.
+[`AlterStagesMixin`] (and so `AlterTrainer`) writes them beside PEFT's files as `alter_mta.safetensors`, with the
+model's stage, and reads them back when it resumes or loads the best checkpoint. To reload a trained model:
+
+```python
+from peft import PeftModel
+from modeling_alter import AlterForCausalLM, load_mta_weights
+
+base = AlterForCausalLM.from_causal_lm("backbone-folder", task_names=[...], adapter_dim=...)  # as before training
+model = PeftModel.from_pretrained(base, "out/checkpoint-500")
+load_mta_weights(model, "out/checkpoint-500")  # the task adapters, gate, ... and the stage
+```
+
+Or keep one self-contained ALTER folder: `model.merge_and_unload().save_pretrained(folder)` merges LoRA into the
+backbone's weights and saves every ALTER weight with the model's code.
+"""
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MTA_WEIGHTS_NAME = "alter_mta.safetensors"  # beside a PEFT adapter's files
+
+
+def unwrap_alter_model(model):
+    """The ALTER model inside `model` (itself, or the base model of a PEFT wrapper); `ValueError` if there is none."""
+    inner = model
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        inner = model.get_base_model()
+    if not (hasattr(inner, "set_stage") and hasattr(inner, "trainable_parameter_names")):
+        raise ValueError(
+            f"ALTER's stages train an AlterForConditionalGeneration or AlterForCausalLM (or a PEFT model around one), "
+            f"got {type(model).__name__}."
+        )
+    return inner
+
+
+def mta_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every weight of the MTA modules of `model` (an ALTER model, or a PEFT model around one), by its name in the
+    ALTER model's `state_dict()`: task adapters (their banks, also while split per task), gates, task embeddings,
+    shared adapters."""
+    alter = unwrap_alter_model(model)
+    return {name: tensor for name, tensor in alter.state_dict().items() if ".mta." in f".{name}"}
+
+
+def save_mta_weights(model, folder) -> str:
+    """Writes `mta_state_dict(model)` and the model's stage to `folder/alter_mta.safetensors` (written to a temporary
+    file first, then renamed: a failed save leaves an earlier file intact). Returns the file's path."""
+    alter = unwrap_alter_model(model)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, MTA_WEIGHTS_NAME)
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in mta_state_dict(alter).items()}
+    partial = f"{path}.partial"
+    save_file(weights, partial, metadata={"format": "pt", "stage": str(alter.config.stage)})
+    os.replace(partial, path)
+    return path
+
+
+def load_mta_weights(model, folder) -> None:
+    """Loads `folder/alter_mta.safetensors` (written by `save_mta_weights`, as `AlterTrainer` does beside a PEFT
+    adapter) into `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model
+    is also made to pass `task_ids` on (`route_task_ids_through`).
+
+    Raises `FileNotFoundError` if the folder has no such file, and `ValueError` naming the weights if they do not
+    match the model's MTA modules (other tasks, another `adapter_dim`, ...)."""
+    alter = unwrap_alter_model(model)
+    path = os.path.join(folder, MTA_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: the folder holds no ALTER weights (AlterTrainer writes them beside a PEFT "
+            "adapter; a folder saved by PeftModel.save_pretrained alone lacks them).")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        stage = (handle.metadata() or {}).get("stage")
+    weights = load_file(path)
+    expected = mta_state_dict(alter)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    shapes = sorted(name for name in set(weights) & set(expected) if weights[name].shape != expected[name].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not match the model's MTA modules: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shapes {[(n, tuple(weights[n].shape), tuple(expected[n].shape)) for n in shapes[:3]]} (build "
+            "the model with the task names and MTA settings it was trained with).")
+    alter.load_state_dict(weights, strict=False)
+    if stage is not None:
+        alter.set_stage(int(stage))
+    if model is not alter:
+        alter.route_task_ids_through(model)
+
+
+__all__ = ["MTA_WEIGHTS_NAME", "unwrap_alter_model", "mta_state_dict", "save_mta_weights", "load_mta_weights"]
