@@ -336,8 +336,9 @@ class AlterStagesMixin:
             return
         if not os.path.isfile(os.path.join(checkpoint, MTA_WEIGHTS_NAME)):
             raise ValueError(
-                f"Checkpoint {checkpoint} holds PEFT's adapter but not ALTER's own weights ({MTA_WEIGHTS_NAME}): it was "
-                "not written by a trainer with AlterStagesMixin, and loading it would reset the task adapters and gate.")
+                f"Checkpoint {checkpoint} holds PEFT's adapter but not ALTER's own weights ({MTA_WEIGHTS_NAME}): it "
+                "was not written by a trainer with AlterStagesMixin, and loading it would reset the task adapters and "
+                "gate.")
         stage = self.alter_model.config.stage
         load_mta_weights(self.alter_model, checkpoint)
         self.alter_model.set_stage(stage)

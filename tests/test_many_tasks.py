@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from training_utils import tiny_args, tiny_data, tiny_model, tokenizer
+from training_utils import tiny_args, tiny_data, tiny_model, tokenizer, train_keeping_the_first_checkpoint
 
 from conftest import random_batch, tiny_alter
 
@@ -156,14 +156,7 @@ def test_load_best_model_at_end_loads_into_the_split_banks(tmp_path):
     from modeling_alter import AlterForConditionalGeneration
 
     model = tiny_model()
-    train_set, eval_sets = tiny_data()
-    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
-                     save_strategy="steps", save_steps=2, load_best_model_at_end=True,
-                     metric_for_best_model="eval_loss", greater_is_better=True)  # the first, worse checkpoint
-    trainer = AlterTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
-                           processing_class=tokenizer())
-    trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    trainer = train_keeping_the_first_checkpoint(model, tmp_path)
     best = AlterForConditionalGeneration.from_pretrained(trainer.state.best_model_checkpoint)
     assert model.state_dict().keys() == best.state_dict().keys()
     assert all(torch.equal(p, best.state_dict()[name]) for name, p in model.state_dict().items())

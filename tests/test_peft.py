@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from causal_utils import TASKS as CAUSAL_TASKS
 from causal_utils import left_padded_batch, tiny_causal_alter, tiny_causal_lm
 from conftest import random_batch, tiny_alter
-from training_utils import snapshot, tiny_args, tiny_data, tiny_model, tokenizer
+from training_utils import (snapshot, tiny_args, tiny_data, tiny_model, tokenizer,
+                            train_keeping_the_first_checkpoint)
 from modeling_alter.trainer import AlterTrainer
 
 CAUSAL_LORA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -164,16 +165,8 @@ def test_load_best_model_at_end_under_peft_loads_alters_own_weights_too(tmp_path
     from ALTER's, while the run keeps its stage."""
     from safetensors.torch import load_file
 
-    train_set, eval_sets = tiny_data()
     model = tiny_model()
-    peft_model = get_peft_model(model, LoraConfig(**T5_LORA))
-    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
-                     save_strategy="steps", save_steps=2, load_best_model_at_end=True,
-                     metric_for_best_model="eval_loss", greater_is_better=True)  # the first, worse checkpoint
-    trainer = AlterTrainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
-                           processing_class=tokenizer())
-    trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    trainer = train_keeping_the_first_checkpoint(get_peft_model(model, LoraConfig(**T5_LORA)), tmp_path)
     best = load_file(f"{trainer.state.best_model_checkpoint}/alter_mta.safetensors")
     last = load_file(tmp_path / "checkpoint-4" / "alter_mta.safetensors")
     state = model.state_dict()

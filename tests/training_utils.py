@@ -13,7 +13,7 @@ from transformers import ByT5Tokenizer
 from modeling_alter import AlterConfig, AlterForConditionalGeneration
 from modeling_alter.data import build_eval_datasets, build_multitask_dataset
 from modeling_alter.synthetic_tasks import make_synthetic_tasks
-from modeling_alter.trainer import AlterTrainingArguments
+from modeling_alter.trainer import AlterTrainer, AlterTrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_SCRIPT = REPO / "tests" / "scripts" / "two_stage_job.py"
@@ -57,6 +57,21 @@ def tiny_args(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return AlterTrainingArguments(**kwargs)
+
+
+def train_keeping_the_first_checkpoint(model, tmp_path):
+    """Trains `model` (an ALTER model, or a PEFT model around one) 4 steps in stage 1 with a checkpoint and an
+    evaluation every 2 steps and `load_best_model_at_end`, the first (worse) checkpoint counting as best. Returns the
+    trainer."""
+    train_set, eval_sets = tiny_data()
+    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
+                     save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = AlterTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
+                           processing_class=tokenizer())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    return trainer
 
 
 def stage_sets(model):
