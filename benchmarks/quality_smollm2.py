@@ -804,17 +804,19 @@ def render_gate(gate):
     return "\n".join(lines)
 
 
-def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02):
+def recipe_criteria(pairs, per_seed, stage2_budget=0.1, prefix_margin=0.02, planned_seeds=None):
     """The four things a winning recipe must show, from the paired differences (`summarize`) and the runs, over the
     seeds where both rows finished: two-stage above full fine-tuning, frozen-backbone ALTER above LoRA (equal trainable
     parameters), each in every seed; stage 2 above the stage-1 weights it starts from with its training time at most
     `stage2_budget` of stage 1's; prefix routing within `prefix_margin` of task ids. Returns
     `{name: {"met", "detail", "seeds", "of_seeds"}}` ("seeds": how many seeds it was judged on, "of_seeds": how many
-    `per_seed` holds); a criterion whose rows have not finished in any seed is left out."""
+    the grid runs, `planned_seeds`, by default those `per_seed` holds); a criterion whose rows have not finished in
+    any seed is left out."""
     criteria = {}
 
     def judged(name, met, detail, d):
-        criteria[name] = dict(met=met, detail=detail, seeds=d["seeds"], of_seeds=max(len(per_seed), d["seeds"]))
+        planned = planned_seeds or len(per_seed)
+        criteria[name] = dict(met=met, detail=detail, seeds=d["seeds"], of_seeds=max(planned, d["seeds"]))
         return criteria[name]
 
     def every_seed(name, key):
@@ -875,27 +877,31 @@ def _delta_cell(d):
         f" ({d['better']}/{d['seeds']} better)"
 
 
-def seeds_cell(entry, per_seed):
-    """How many seeds a row stands on, naming them when the row has not finished in every seed reported:
+def seeds_cell(entry, planned_seeds):
+    """How many seeds a row stands on, naming them when the row has not finished in all `planned_seeds` seeds:
     "3", "1 (seed 0)", "2 (seeds 0, 1)"."""
     seeds = entry["seeds"]
-    if len(seeds) == len(per_seed):
+    if len(seeds) >= planned_seeds:
         return str(len(seeds))
     return f"{len(seeds)} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
 
 
-def render_summary(summary, pairs, per_seed, tasks):
+def render_summary(summary, pairs, per_seed, tasks, planned_seeds=None):
     """The short table (overall mean ± std, paired difference to full fine-tuning, trainable parameters, tokens/s)
-    that the README quotes; `render` gives the per-task one."""
+    that the README quotes, each row over the seeds that have finished it out of `planned_seeds` (default: those
+    `per_seed` holds); `render` gives the per-task one."""
+    planned = planned_seeds or len(per_seed)
     lines = [f"| method ({len(tasks)} real tasks, overall %, mean ± std over its seeds) | seeds | overall "
              "| Δ vs full FT (paired) | trainable parameters | train tokens/s |", "|---|---:|---:|---:|---:|---:|"]
     for method, entry in summary.items():
         params = per_seed[entry["seeds"][0]][method].get("trainable_parameters")
         lines.append("| " + " | ".join([
-            METHODS[method], seeds_cell(entry, per_seed), _pct(entry["overall"], len(entry["seeds"])),
+            METHODS[method], seeds_cell(entry, planned), _pct(entry["overall"], len(entry["seeds"])),
             _delta_cell(pairs.get(f"{method} - {REFERENCE}")),
             f"{params:,}" + (" (stage 2)" if method in STAGE2 else "") if params else "—",
             tokens_per_second_cell(entry)]) + " |")
+    lines.append("\nOverall: the mean over the row's own seeds; Δ: paired with full fine-tuning over the seeds both "
+                 "rows finished.")
     return "\n".join(lines)
 
 
@@ -907,7 +913,8 @@ def render(summary, pairs, per_seed, tasks, args):
     for method, entry in summary.items():
         runs = [per_seed[s][method] for s in entry["seeds"]]
         result, n = runs[0], len(runs)
-        cells = [METHODS[method], seeds_cell(entry, per_seed), *(_pct(entry["per_task"][c], n) for c in columns),
+        planned = len(args.seeds) if args is not None else len(per_seed)
+        cells = [METHODS[method], seeds_cell(entry, planned), *(_pct(entry["per_task"][c], n) for c in columns),
                  f"**{_pct(entry['overall'], n)}**", _delta_cell(pairs.get(f"{method} - {REFERENCE}"))]
         cells.append(f"{result.get('trainable_parameters', 0):,}" if result.get("trainable_parameters") else "—")
         cells.append(tokens_per_second_cell(entry))
@@ -1062,8 +1069,8 @@ def main(argv=None):
     summary, pairs = summarize(per_seed, data.tasks)
     gate = validity_gate(per_seed, data.tasks)
     paired_with = paired_with_folder(per_seed, args.paired_with) if args.paired_with else None
-    criteria = recipe_criteria(pairs, per_seed, args.stage2_budget)
-    table = "\n\n".join([render_summary(summary, pairs, per_seed, data.tasks),
+    criteria = recipe_criteria(pairs, per_seed, args.stage2_budget, planned_seeds=len(args.seeds))
+    table = "\n\n".join([render_summary(summary, pairs, per_seed, data.tasks, len(args.seeds)),
                           render(summary, pairs, per_seed, data.tasks, args), *([render_gate(gate)] if gate else []),
                           *([render_criteria(criteria)] if criteria else []),
                           *([render_paired_with(paired_with, args.paired_with)] if args.paired_with else [])])

@@ -23,6 +23,7 @@ backbone's weights and saves every ALTER weight with the model's code.
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MTA_WEIGHTS_NAME = "alter_mta.safetensors"  # beside a PEFT adapter's files
@@ -62,6 +63,13 @@ def save_mta_weights(model, folder) -> str:
     return path
 
 
+def mta_weights_stage(path) -> int | None:
+    """The stage (1 or 2) recorded in an `alter_mta.safetensors` file at `path`, or None if it records none."""
+    with safe_open(path, framework="pt") as handle:
+        stage = (handle.metadata() or {}).get("stage")
+    return int(stage) if stage is not None else None
+
+
 def load_mta_weights(model, folder) -> None:
     """Loads `folder/alter_mta.safetensors` (written by `save_mta_weights`, as `AlterTrainer` does beside a PEFT
     adapter) into `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model
@@ -75,10 +83,7 @@ def load_mta_weights(model, folder) -> None:
         raise FileNotFoundError(
             f"{path} does not exist: the folder holds no ALTER weights (AlterTrainer writes them beside a PEFT "
             "adapter; a folder saved by PeftModel.save_pretrained alone lacks them).")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        stage = (handle.metadata() or {}).get("stage")
+    stage = mta_weights_stage(path)
     weights = load_file(path)
     expected = mta_state_dict(alter)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -90,9 +95,10 @@ def load_mta_weights(model, folder) -> None:
             "the model with the task names and MTA settings it was trained with).")
     alter.load_state_dict(weights, strict=False)
     if stage is not None:
-        alter.set_stage(int(stage))
+        alter.set_stage(stage)
     if model is not alter:
         alter.route_task_ids_through(model)
 
 
-__all__ = ["MTA_WEIGHTS_NAME", "unwrap_alter_model", "mta_state_dict", "save_mta_weights", "load_mta_weights"]
+__all__ = ["MTA_WEIGHTS_NAME", "unwrap_alter_model", "mta_state_dict", "save_mta_weights", "mta_weights_stage",
+           "load_mta_weights"]

@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 
 from transformers.optimization import get_scheduler
 from transformers.trainer_callback import TrainerState
@@ -41,7 +42,8 @@ from transformers.utils import logging
 
 from .callback import StageSwitchCallback
 from .data import TASK_COLUMNS, TaskIdsCollator
-from .peft_wrapping import MTA_WEIGHTS_NAME, load_mta_weights, save_mta_weights, unwrap_alter_model
+from .peft_wrapping import (MTA_WEIGHTS_NAME, load_mta_weights, mta_weights_stage, save_mta_weights,
+                            unwrap_alter_model)
 
 logger = logging.get_logger(__name__)
 
@@ -230,6 +232,7 @@ class AlterStagesMixin:
         Runs both stages (see [`Trainer.train`]). Resuming from a checkpoint continues in the stage it records, with
         that stage's optimizer and schedule.
         """
+        self._check_peft_support()
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         callback = self.stage_callback
         model = self.alter_model
@@ -319,29 +322,74 @@ class AlterStagesMixin:
         return result
 
     def _under_peft(self) -> bool:
-        return self.alter_model.peft_adapter_parameter_names() is not None
+        """Whether the trained model is a PEFT wrapper around the ALTER model (whose own weights PEFT does not save)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False) is not self.alter_model
+
+    def _check_peft_support(self) -> None:
+        """Refuses what ALTER does not support under PEFT: prompt-learning methods (prompt, prefix and P-tuning put
+        virtual tokens before every input; only adapters injected into the backbone's layers, such as LoRA, were
+        built and tested), and FSDP or DeepSpeed, whose sharded or engine-held weights ALTER's own weight file beside
+        PEFT's (`alter_mta.safetensors`) is not written from."""
+        if not self._under_peft():
+            return
+        wrapper = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        config = getattr(wrapper, "active_peft_config", None)
+        if getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"PEFT's {config.peft_type} is a prompt-learning method, which ALTER does not support: use an adapter "
+                "injected into the backbone's layers, such as LoraConfig(target_modules=[...]).")
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "ALTER under PEFT is not supported with FSDP or DeepSpeed: PEFT saves only its own adapter, and ALTER "
+                f"writes its task adapters and gate beside it ({MTA_WEIGHTS_NAME}) from the unsharded model. Train "
+                "with DDP (or one process), or without PEFT.")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """`Trainer._load_from_checkpoint`; under PEFT also ALTER's own weights (`peft_wrapping.load_mta_weights`),
-        keeping the stage the resumed run restored."""
+        which must record the stage the resumed run restored."""
+        if self._under_peft():
+            stage = self._mta_weights_stage(resume_from_checkpoint)
+            if stage is None:
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} holds PEFT's adapter but not ALTER's own weights "
+                    f"({MTA_WEIGHTS_NAME}): it was not written by a trainer with AlterStagesMixin, and resuming from "
+                    "it would restart the task adapters and gate from their initial values.")
+            if stage != self.stage_callback.stage:
+                raise ValueError(
+                    f"Checkpoint {resume_from_checkpoint} is inconsistent: its trainer state says stage "
+                    f"{self.stage_callback.stage} but its {MTA_WEIGHTS_NAME} says stage {stage}.")
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_mta_weights_under_peft(resume_from_checkpoint)
+        if self._under_peft():
+            load_mta_weights(self.alter_model, resume_from_checkpoint)
 
     def _load_best_model(self):
-        super()._load_best_model()
-        self._load_mta_weights_under_peft(self.state.best_model_checkpoint)
-
-    def _load_mta_weights_under_peft(self, checkpoint) -> None:
-        if checkpoint is None or not self._under_peft():
+        """`Trainer._load_best_model`; under PEFT also ALTER's own weights of the best checkpoint (the run keeps its
+        stage). A best checkpoint without them is skipped with a warning, as `Trainer` skips one without weights."""
+        checkpoint = self.state.best_model_checkpoint
+        if self._under_peft() and self._mta_weights_stage(checkpoint) is None:
+            logger.warning(
+                "Could not load the best model: %s has PEFT's adapter but not ALTER's own weights (%s); the model "
+                "keeps the weights of the last step.", checkpoint, MTA_WEIGHTS_NAME)
             return
-        if not os.path.isfile(os.path.join(checkpoint, MTA_WEIGHTS_NAME)):
-            raise ValueError(
-                f"Checkpoint {checkpoint} holds PEFT's adapter but not ALTER's own weights ({MTA_WEIGHTS_NAME}): it "
-                "was not written by a trainer with AlterStagesMixin, and loading it would reset the task adapters and "
-                "gate.")
-        stage = self.alter_model.config.stage
-        load_mta_weights(self.alter_model, checkpoint)
-        self.alter_model.set_stage(stage)
+        super()._load_best_model()
+        if self._under_peft():
+            stage = self.alter_model.config.stage
+            load_mta_weights(self.alter_model, checkpoint)
+            self.alter_model.set_stage(stage)
+
+    @staticmethod
+    def _mta_weights_stage(checkpoint) -> int | None:
+        """The stage recorded in `checkpoint`'s ALTER weight file, or None if it has none."""
+        path = os.path.join(checkpoint, MTA_WEIGHTS_NAME) if checkpoint is not None else None
+        return mta_weights_stage(path) if path is not None and os.path.isfile(path) else None
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """`Trainer._push_from_checkpoint`, which copies a fixed list of files (config, weights, PEFT's adapter) from
+        the checkpoint into `output_dir` and uploads that folder; under PEFT ALTER's own weight file goes along."""
+        source = os.path.join(checkpoint_folder, MTA_WEIGHTS_NAME)
+        if self._under_peft() and self.is_world_process_zero() and os.path.isfile(source):
+            shutil.copy(source, os.path.join(self.args.output_dir, MTA_WEIGHTS_NAME))
+        return super()._push_from_checkpoint(checkpoint_folder)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         """

@@ -3,6 +3,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,17 +163,73 @@ def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_
 
 def test_load_best_model_at_end_under_peft_loads_alters_own_weights_too(tmp_path):
     """The best checkpoint (here the first, in stage 1) comes back whole: LoRA from PEFT's file, the task adapters
-    from ALTER's, while the run keeps its stage."""
+    from ALTER's, while the run keeps the stage it ended in (2)."""
     from safetensors.torch import load_file
 
     model = tiny_model()
-    trainer = train_keeping_the_first_checkpoint(get_peft_model(model, LoraConfig(**T5_LORA)), tmp_path)
+    trainer = train_keeping_the_first_checkpoint(get_peft_model(model, LoraConfig(**T5_LORA)), tmp_path,
+                                                 stage1_steps=3)
     best = load_file(f"{trainer.state.best_model_checkpoint}/alter_mta.safetensors")
     last = load_file(tmp_path / "checkpoint-4" / "alter_mta.safetensors")
     state = model.state_dict()
-    assert any(not torch.equal(best[name], last[name]) for name in best)  # the task adapters trained after step 2
+    assert any(not torch.equal(best[name], last[name]) for name in best)  # trained after step 2
     assert all(torch.equal(state[name], tensor) for name, tensor in best.items())
-    assert model.config.stage == 1
+    assert model.config.stage == 2
+
+
+def test_peft_checkpoints_without_alters_weights_and_prompt_learning_are_refused(tmp_path):
+    import shutil
+
+    from peft import PromptTuningConfig
+
+    train_set, _ = tiny_data()
+    peft_model = get_peft_model(tiny_model(), LoraConfig(**T5_LORA))
+    AlterTrainer(model=peft_model, args=tiny_args(tmp_path, save_strategy="steps", save_steps=4),
+                 train_dataset=train_set, processing_class=tokenizer()).train()
+    (tmp_path / "checkpoint-4" / "alter_mta.safetensors").unlink()
+    again = AlterTrainer(model=get_peft_model(tiny_model(), LoraConfig(**T5_LORA)), args=tiny_args(tmp_path),
+                         train_dataset=train_set, processing_class=tokenizer())
+    with pytest.raises(ValueError, match="holds PEFT's adapter but not ALTER's own weights"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    shutil.rmtree(tmp_path / "checkpoint-4")
+
+    prompt = get_peft_model(tiny_model(), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="PROMPT_TUNING is a prompt-learning method, which ALTER does not support"):
+        AlterTrainer(model=prompt, args=tiny_args(tmp_path), train_dataset=train_set,
+                     processing_class=tokenizer()).train()
+
+
+def test_pushes_during_training_carry_alters_weights(tmp_path, monkeypatch):
+    """Trainer uploads `output_dir` after copying a fixed list of files from the checkpoint into it: ALTER's weight
+    file is copied too (the upload itself is stubbed: nothing leaves the machine)."""
+    import transformers.trainer
+
+    uploads = []
+
+    class Api:
+        def upload_folder(self, folder_path, **kwargs):
+            uploads.append(sorted(p.name for p in Path(folder_path).iterdir()))
+            return None
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: Api())
+    monkeypatch.setattr(transformers.trainer, "PushInProgress", lambda jobs: None)
+    train_set, _ = tiny_data()
+    trainer = AlterTrainer(model=get_peft_model(tiny_model(), LoraConfig(**T5_LORA)),
+                           args=tiny_args(tmp_path / "out", save_strategy="steps", save_steps=6),
+                           train_dataset=train_set, processing_class=tokenizer())
+    trainer.train()
+    trainer.hub_model_id, trainer.push_in_progress = "someone/alter-lora", None  # as push_to_hub=True would set
+    trainer._push_from_checkpoint(str(tmp_path / "out" / "checkpoint-6"))
+    assert uploads and {"adapter_model.safetensors", "alter_mta.safetensors"} <= set(uploads[0])
+    copied = load_mta_file(tmp_path / "out" / "alter_mta.safetensors")
+    assert all(torch.equal(t, load_mta_file(tmp_path / "out" / "checkpoint-6" / "alter_mta.safetensors")[n])
+               for n, t in copied.items())
+
+
+def load_mta_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 def outputs(model):

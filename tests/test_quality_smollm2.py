@@ -106,7 +106,7 @@ def test_interim_report_reads_finished_methods_and_trains_nothing(tiny_llama, tm
         torch.set_num_threads(threads)
     assert list(record["per_seed"]) == ["0"] and set(record["per_seed"]["0"]) == {"majority_label", "full_ft"}
     report = (tmp_path / "results.md").read_text()
-    assert "interim report" in record["command"] and "| Multi-task full fine-tuning |" in report
+    assert "interim report" in record["command"] and "| Multi-task full fine-tuning | 1 (seed 0) |" in report
     assert "- Validity gate, seed 0: " in report and list(record["validity_gate"]) == [0]
     # The setup line names the seeds reported and the threads the runs used, not those of the report command.
     this_cpu = quality_smollm2.cpu_text(quality_smollm2.cpu_description())
@@ -244,6 +244,14 @@ def test_a_row_finished_in_fewer_seeds_is_reported_over_its_own_seeds_and_paired
     lines = quality_smollm2.render_criteria(criteria).split("\n")
     assert f"- Met so far (1 of 3 seeds): {frozen} (1/1 seeds, +3.0 ± 0.0 points)" in lines
     assert "- NOT met: ALTER two-stage above multi-task full fine-tuning in every seed (2/3 seeds" in lines[0]
+    # An interim report of a 3-seed grid where only seed 0 has finished: "so far", not "met".
+    only_seed0 = {0: per_seed[0]}
+    summary0, pairs0 = quality_smollm2.summarize(only_seed0, ["sst2"])
+    criteria0 = quality_smollm2.recipe_criteria(pairs0, only_seed0, planned_seeds=3)
+    assert all(line.startswith("- Met so far (1 of 3 seeds): ")
+               for line in quality_smollm2.render_criteria(criteria0).split("\n"))
+    assert "| Multi-task full fine-tuning | 1 (seed 0) |" in quality_smollm2.render_summary(
+        summary0, pairs0, only_seed0, ["sst2"], planned_seeds=3)
     notes = quality_smollm2.render(summary, pairs, per_seed, ["sst2"], None)
     assert "- alter_frozen minus lora: +3.00 points (1/1 seeds better; seed 0)" in notes
 

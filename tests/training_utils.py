@@ -59,12 +59,12 @@ def tiny_args(output_dir, **overrides):
     return AlterTrainingArguments(**kwargs)
 
 
-def train_keeping_the_first_checkpoint(model, tmp_path):
-    """Trains `model` (an ALTER model, or a PEFT model around one) 4 steps in stage 1 with a checkpoint and an
-    evaluation every 2 steps and `load_best_model_at_end`, the first (worse) checkpoint counting as best. Returns the
-    trainer."""
+def train_keeping_the_first_checkpoint(model, tmp_path, stage1_steps=None):
+    """Trains `model` (an ALTER model, or a PEFT model around one) 4 steps (in stage 1, or switching after
+    `stage1_steps`) with a checkpoint and an evaluation every 2 steps and `load_best_model_at_end`, the first (worse)
+    checkpoint counting as best. Returns the trainer."""
     train_set, eval_sets = tiny_data()
-    args = tiny_args(tmp_path, max_steps=4, stage1_steps=None, eval_strategy="steps", eval_steps=2,
+    args = tiny_args(tmp_path, max_steps=4, stage1_steps=stage1_steps, eval_strategy="steps", eval_steps=2,
                      save_strategy="steps", save_steps=2, load_best_model_at_end=True,
                      metric_for_best_model="eval_loss", greater_is_better=True)
     trainer = AlterTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_sets,
