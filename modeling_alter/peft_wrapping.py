@@ -63,6 +63,25 @@ def save_mta_weights(model, folder) -> str:
     return path
 
 
+def _mta_weights_file(folder, revision):
+    """The local path of `folder`'s weight file: in the folder if it is one, else downloaded from the Hub repository
+    of that id (cached by `huggingface_hub`)."""
+    missing = (f"{os.path.join(folder, MTA_WEIGHTS_NAME)} does not exist: the folder holds no ALTER weights "
+               "(AlterTrainer writes them beside a PEFT adapter; a folder saved by PeftModel.save_pretrained alone "
+               "lacks them).")
+    if os.path.isdir(folder) or os.path.isabs(folder) or folder.startswith("."):
+        if not os.path.isfile(os.path.join(folder, MTA_WEIGHTS_NAME)):
+            raise FileNotFoundError(missing)
+        return os.path.join(folder, MTA_WEIGHTS_NAME)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(folder, MTA_WEIGHTS_NAME, revision=revision)
+    except (EntryNotFoundError, RepositoryNotFoundError, HFValidationError) as error:
+        raise FileNotFoundError(f"{missing} On the Hub: {type(error).__name__}.") from None
+
+
 def mta_weights_stage(path) -> int | None:
     """The stage (1 or 2) recorded in an `alter_mta.safetensors` file at `path`, or None if it records none."""
     with safe_open(path, framework="pt") as handle:
@@ -70,19 +89,16 @@ def mta_weights_stage(path) -> int | None:
     return int(stage) if stage is not None else None
 
 
-def load_mta_weights(model, folder) -> None:
-    """Loads `folder/alter_mta.safetensors` (written by `save_mta_weights`, as `AlterTrainer` does beside a PEFT
-    adapter) into `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model
-    is also made to pass `task_ids` on (`route_task_ids_through`).
+def load_mta_weights(model, folder, revision=None) -> None:
+    """Loads `alter_mta.safetensors` (written by `save_mta_weights`, as `AlterTrainer` does beside a PEFT adapter)
+    from `folder`, a local folder or a Hub repository id as `PeftModel.from_pretrained` takes (at `revision`), into
+    `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model is also made to
+    pass `task_ids` on (`route_task_ids_through`).
 
-    Raises `FileNotFoundError` if the folder has no such file, and `ValueError` naming the weights if they do not
-    match the model's MTA modules (other tasks, another `adapter_dim`, ...)."""
+    Raises `FileNotFoundError` if the folder (or repository) has no such file, and `ValueError` naming the weights if
+    they do not match the model's MTA modules (other tasks, another `adapter_dim`, ...)."""
     alter = unwrap_alter_model(model)
-    path = os.path.join(folder, MTA_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: the folder holds no ALTER weights (AlterTrainer writes them beside a PEFT "
-            "adapter; a folder saved by PeftModel.save_pretrained alone lacks them).")
+    path = _mta_weights_file(str(folder), revision)
     stage = mta_weights_stage(path)
     weights = load_file(path)
     expected = mta_state_dict(alter)

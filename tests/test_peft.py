@@ -107,7 +107,7 @@ def test_alter_trainer_trains_a_lora_wrapped_t5_in_two_stages(tmp_path):
     assert not any("base_layer" in n for n in changed)
 
 
-def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_and_resume(tmp_path):
+def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_and_resume(tmp_path, monkeypatch):
     """PEFT saves only LoRA; AlterTrainer also writes the task adapters, gate, ... and the stage
     (`alter_mta.safetensors`): the folder reloads into the trained model, and a run resumed in stage 2 from a
     checkpoint ends with the weights of the uninterrupted run."""
@@ -156,6 +156,16 @@ def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_
 
     with pytest.raises(FileNotFoundError, match="alter_mta.safetensors does not exist"):
         load_mta_weights(reloaded, tmp_path)
+    # A Hub repository id, as PeftModel.from_pretrained takes (the download is stubbed: nothing leaves the machine).
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, revision=None: asked.append((repo, name, revision)) or str(final / name))
+    from_hub = PeftModel.from_pretrained(tiny_model(), final)
+    load_mta_weights(from_hub, "someone/alter-lora", revision="abc123")
+    assert asked == [("someone/alter-lora", "alter_mta.safetensors", "abc123")]
+    assert_same_outputs(trained, from_hub)
     wrong = get_peft_model(tiny_model(adapter_dim=4), LoraConfig(**T5_LORA))
     with pytest.raises(ValueError, match="does not match the model's MTA modules"):
         load_mta_weights(wrong, final)
