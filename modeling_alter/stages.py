@@ -37,7 +37,7 @@ import shutil
 
 from transformers.optimization import get_scheduler
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, has_length
 from transformers.utils import logging
 
 from .callback import StageSwitchCallback
@@ -287,9 +287,14 @@ class AlterStagesMixin:
             model.merge_task_adapters()
 
     def set_initial_training_values(self, args, dataloader):
+        callback = self.stage_callback
+        if callback.stage1_steps is None and callback.stage1_epochs is not None and not has_length(dataloader):
+            # Trainer then counts the whole run (max_steps) as one epoch: stage1_epochs would mean a share of the run.
+            raise ValueError(
+                f"stage1_epochs={callback.stage1_epochs!r} needs a training set with a length, but this one has none "
+                "(an IterableDataset, e.g. a streamed dataset): set stage1_steps instead.")
         values = super().set_initial_training_values(args, dataloader)
         num_update_steps_per_epoch, max_steps = values[1], values[-1]
-        callback = self.stage_callback
         planned = callback.plan(num_update_steps_per_epoch, max_steps)
         if callback.stage == 1 and planned == 0:
             self.alter_model.set_stage(2)

@@ -282,3 +282,19 @@ def test_per_task_scores_pair_each_generation_with_its_own_reference_when_groupi
     assert grouped == plain
     first = next(iter(eval_sets.values()))
     assert [reference for _, reference in plain[0]] == longest_first(first)["target_text"] != first["target_text"]
+
+
+def test_stage1_epochs_needs_a_training_set_with_a_length(tmp_path):
+    """A streamed (iterable) training set trains with stage1_steps; with stage1_epochs, which Trainer could only read
+    as a share of max_steps, it is refused before any step."""
+    from training_utils import tiny_args, tiny_model
+
+    stream = tiny_data()[0].to_iterable_dataset()
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"stage1_epochs=0.5 needs a training set with a length.*set stage1_steps"):
+        AlterTrainer(model=model, args=tiny_args(tmp_path, stage1_steps=None, stage1_epochs=0.5),
+                     train_dataset=stream, processing_class=tokenizer()).train()
+    assert model.config.stage == 1
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path), train_dataset=stream, processing_class=tokenizer())
+    trainer.train()
+    assert model.config.stage == 2 and trainer.stage_callback.switch_step == 3
