@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import HubUploadError
-from .families import family_of
+from .families import family_of, peft_folder_hint
 
 # Files of a model folder that belong to the tokenizer (copied to the exported folder when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
@@ -120,7 +120,8 @@ def _load(model_or_folder):
     folder = Path(model_or_folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ExportTaskError(f"{folder} has no config.json: expected the folder of a saved ALTER model.")
+        raise ExportTaskError(f"{folder} has no config.json: expected the folder of a saved ALTER model."
+                              + peft_folder_hint(folder))
     family = family_of(json.loads(config_path.read_text(encoding="utf-8")).get("model_type"))
     if family is None:
         raise ExportTaskError(f"{config_path} is not an ALTER model's config: expected model_type 'alter' or "

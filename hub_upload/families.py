@@ -2,6 +2,7 @@
 Auto class the folder maps, which code files it ships, and how the card describes and loads it."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -37,4 +38,13 @@ def family_of(model_type) -> Family | None:
     return FAMILIES.get(model_type)
 
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+def peft_folder_hint(folder) -> str:
+    """For a folder without `config.json`: if it holds a PEFT adapter (`adapter_config.json`, as `Trainer` saves a
+    PEFT-wrapped ALTER model), a sentence saying how to make a whole ALTER folder of it; else ""."""
+    if not (Path(folder) / "adapter_config.json").is_file():
+        return ""
+    return (" It holds a PEFT adapter, not a whole model: load it onto its ALTER model (PeftModel.from_pretrained, then "
+            "modeling_alter.load_mta_weights), save model.merge_and_unload().save_pretrained(DIR) and pass DIR.")
+
+
+__all__ = ["FAMILIES", "Family", "family_of", "peft_folder_hint"]

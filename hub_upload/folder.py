@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .card import HUB_ID_PATTERN, build_model_card, check_repo_id, count_parameters, verify_model_card
 from .errors import FolderCheckError, PrepareError
-from .families import FAMILIES, family_of
+from .families import FAMILIES, family_of, peft_folder_hint
 from .results import EvalResults, find_result_files, read_eval_results
 from .safety import IMAGE_SIGNATURES, scan_folder
 
@@ -225,7 +225,7 @@ def _check_model_dir(model_dir):
     if not config_path.is_file():
         raise PrepareError(
             f"{model_dir} has no config.json; pass the training run's output directory (where trainer.save_model() "
-            "wrote the final model) or a checkpoint directory"
+            "wrote the final model) or a checkpoint directory." + peft_folder_hint(model_dir)
         )
     try:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")

@@ -207,7 +207,10 @@ def test_causal_cli_carries_tokenizer_chat_template_and_generation_config(tmp_pa
 def test_export_task_rejects_what_is_not_an_alter_model(tmp_path):
     with pytest.raises(ValueError, match="model_or_folder=LlamaForCausalLM is not valid"):
         export_task(tiny_causal_lm("llama"), "topic", tmp_path / "x")
-    with pytest.raises(ValueError, match="has no config.json"):
+    with pytest.raises(ValueError, match="has no config.json: expected the folder of a saved ALTER model.$"):
+        export_task(tmp_path, "topic", tmp_path / "x")
+    (tmp_path / "adapter_config.json").write_text("{}")  # what Trainer saves of a PEFT-wrapped ALTER model
+    with pytest.raises(ValueError, match=r"It holds a PEFT adapter.*merge_and_unload\(\)"):
         export_task(tmp_path, "topic", tmp_path / "x")
     with pytest.raises(ValueError, match="tokenizer=str is not valid"):
         export_task(gated_causal(), "topic", tmp_path / "x", tokenizer="tok")
