@@ -390,10 +390,12 @@ class AlterStagesMixin:
 
     def _push_from_checkpoint(self, checkpoint_folder):
         """`Trainer._push_from_checkpoint`, which copies a fixed list of files (config, weights, PEFT's adapter) from
-        the checkpoint into `output_dir` and uploads that folder; under PEFT ALTER's own weight file goes along."""
-        source = os.path.join(checkpoint_folder, MTA_WEIGHTS_NAME)
-        if self._under_peft() and self.is_world_process_zero() and os.path.isfile(source):
-            shutil.copy(source, os.path.join(self.args.output_dir, MTA_WEIGHTS_NAME))
+        the checkpoint into `output_dir` and uploads that folder: the model's code files (which the config's
+        `auto_map` names) and, under PEFT, ALTER's own weight file go along, so that every push loads."""
+        if self.is_world_process_zero() and os.path.isdir(checkpoint_folder):
+            for name in os.listdir(checkpoint_folder):
+                if name.endswith(".py") or name == MTA_WEIGHTS_NAME:
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         return super()._push_from_checkpoint(checkpoint_folder)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):

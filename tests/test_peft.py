@@ -209,9 +209,11 @@ def test_peft_checkpoints_without_alters_weights_and_prompt_learning_are_refused
                      processing_class=tokenizer()).train()
 
 
-def test_pushes_during_training_carry_alters_weights(tmp_path, monkeypatch):
-    """Trainer uploads `output_dir` after copying a fixed list of files from the checkpoint into it: ALTER's weight
-    file is copied too (the upload itself is stubbed: nothing leaves the machine)."""
+@pytest.mark.parametrize("peft", [False, True])
+def test_pushes_during_training_carry_the_code_files_and_alters_weights(tmp_path, monkeypatch, peft):
+    """Trainer uploads `output_dir` after copying a fixed list of files from the checkpoint into it: the model's code
+    files (named by `auto_map`) and, under PEFT, ALTER's weight file are copied too (the upload itself is stubbed:
+    nothing leaves the machine)."""
     import transformers.trainer
 
     uploads = []
@@ -219,21 +221,23 @@ def test_pushes_during_training_carry_alters_weights(tmp_path, monkeypatch):
     class Api:
         def upload_folder(self, folder_path, **kwargs):
             uploads.append(sorted(p.name for p in Path(folder_path).iterdir()))
-            return None
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: Api())
     monkeypatch.setattr(transformers.trainer, "PushInProgress", lambda jobs: None)
     train_set, _ = tiny_data()
-    trainer = AlterTrainer(model=get_peft_model(tiny_model(), LoraConfig(**T5_LORA)),
-                           args=tiny_args(tmp_path / "out", save_strategy="steps", save_steps=6),
+    model = get_peft_model(tiny_model(), LoraConfig(**T5_LORA)) if peft else tiny_model()
+    trainer = AlterTrainer(model=model, args=tiny_args(tmp_path / "out", save_strategy="steps", save_steps=6),
                            train_dataset=train_set, processing_class=tokenizer())
     trainer.train()
-    trainer.hub_model_id, trainer.push_in_progress = "someone/alter-lora", None  # as push_to_hub=True would set
+    trainer.hub_model_id, trainer.push_in_progress = "someone/alter", None  # as push_to_hub=True would set
     trainer._push_from_checkpoint(str(tmp_path / "out" / "checkpoint-6"))
-    assert uploads and {"adapter_model.safetensors", "alter_mta.safetensors"} <= set(uploads[0])
-    copied = load_mta_file(tmp_path / "out" / "alter_mta.safetensors")
-    assert all(torch.equal(t, load_mta_file(tmp_path / "out" / "checkpoint-6" / "alter_mta.safetensors")[n])
-               for n, t in copied.items())
+    expected = {"adapter_model.safetensors", "alter_mta.safetensors"} if peft else {
+        "config.json", "model.safetensors", "modeling_alter.py", "mta.py", "configuration_alter.py"}
+    assert uploads and expected <= set(uploads[0])
+    if peft:
+        copied = load_mta_file(tmp_path / "out" / "alter_mta.safetensors")
+        in_checkpoint = load_mta_file(tmp_path / "out" / "checkpoint-6" / "alter_mta.safetensors")
+        assert all(torch.equal(t, in_checkpoint[n]) for n, t in copied.items())
 
 
 def load_mta_file(path):
