@@ -49,6 +49,9 @@ logger = logging.get_logger(__name__)
 
 
 TRAINER_STATE_NAME = "trainer_state.json"
+# The config fields that decide the MTA modules' weights and computation: a resumed model must match its checkpoint.
+MTA_SHAPE_FIELDS = ("task_names", "adapter_dim", "adapter_activation", "adapter_form", "num_shared_adapters",
+                    "mta_placement")
 
 
 def check_supported_options(args) -> None:
@@ -206,7 +209,16 @@ class AlterStagesMixin:
         config_path = os.path.join(checkpoint, "config.json")
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
-                config_stage = json.load(handle).get("stage")
+                stored = json.load(handle)
+            config_stage = stored.get("stage")
+            model_config = self.alter_model.config
+            differ = [f"{key}={stored[key]!r} there, {getattr(model_config, key)!r} here" for key in MTA_SHAPE_FIELDS
+                      if key in stored and stored[key] != getattr(model_config, key, None)]
+            if differ:
+                # Trainer loads a checkpoint with strict=False: a differing form or activation would pass unnoticed.
+                raise ValueError(
+                    f"Checkpoint {checkpoint} was written by an ALTER model built otherwise ({'; '.join(differ)}): "
+                    "build the model with the settings it was trained with to resume.")
         attributes = None
         state_path = os.path.join(checkpoint, TRAINER_STATE_NAME)
         if os.path.isfile(state_path):

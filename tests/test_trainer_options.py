@@ -298,3 +298,21 @@ def test_stage1_epochs_needs_a_training_set_with_a_length(tmp_path):
     trainer = AlterTrainer(model=model, args=tiny_args(tmp_path), train_dataset=stream, processing_class=tokenizer())
     trainer.train()
     assert model.config.stage == 2 and trainer.stage_callback.switch_step == 3
+
+
+def test_resuming_with_a_model_built_otherwise_is_refused(tmp_path):
+    """Trainer loads a checkpoint with strict=False, so a model with another adapter form or activation would resume
+    silently wrong; the checkpoint's config.json is compared first."""
+    from training_utils import tiny_args, tiny_model
+
+    train_set = tiny_data()[0]
+    AlterTrainer(model=tiny_model(), args=tiny_args(tmp_path, save_strategy="steps", save_steps=2),
+                 train_dataset=train_set, processing_class=tokenizer()).train()
+    for changed, said in ((dict(adapter_activation="gelu"), "adapter_activation='relu' there, 'gelu' here"),
+                          (dict(adapter_form="gated"), "adapter_form='plain' there, 'gated' here")):
+        trainer = AlterTrainer(model=tiny_model(**changed), args=tiny_args(tmp_path), train_dataset=train_set,
+                               processing_class=tokenizer())
+        with pytest.raises(ValueError, match=f"was written by an ALTER model built otherwise \\({said}\\)"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    AlterTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=train_set,
+                 processing_class=tokenizer()).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
