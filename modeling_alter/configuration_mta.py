@@ -117,6 +117,12 @@ def check_activation(name, value):
     return value
 
 
+# The config fields that decide the MTA modules' weights and computation: a checkpoint loads only into a model that
+# agrees on all of them.
+MTA_SHAPE_FIELDS = ("task_names", "adapter_dim", "adapter_activation", "adapter_form", "num_shared_adapters",
+                    "mta_placement")
+
+
 def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters,
                    mta_placement, allowed_placements, router_top_k, router_aux_loss_coef, task_id_drop_rate, stage,
                    stage1_train_backbone, task_prefixes, task_prefix_ids, visible_task_adapters=None):
@@ -144,5 +150,5 @@ def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapt
     config.visible_task_adapters = check_visible_task_adapters(visible_task_adapters, len(config.task_names))
 
 
-__all__ = ["ADAPTER_FORMS", "check_int", "check_task_names", "check_placement", "check_adapter_form",
+__all__ = ["ADAPTER_FORMS", "MTA_SHAPE_FIELDS", "check_int", "check_task_names", "check_placement", "check_adapter_form",
            "check_router_top_k", "check_prefixes", "check_visible_task_adapters", "check_activation", "set_mta_fields"]

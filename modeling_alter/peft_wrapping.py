@@ -20,11 +20,14 @@ Or keep one self-contained ALTER folder: `model.merge_and_unload().save_pretrain
 backbone's weights and saves every ALTER weight with the model's code.
 """
 
+import json
 import os
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .configuration_mta import MTA_SHAPE_FIELDS
 
 MTA_WEIGHTS_NAME = "alter_mta.safetensors"  # beside a PEFT adapter's files
 
@@ -57,8 +60,9 @@ def save_mta_weights(model, folder) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, MTA_WEIGHTS_NAME)
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in mta_state_dict(alter).items()}
+    settings = json.dumps({key: getattr(alter.config, key) for key in MTA_SHAPE_FIELDS})
     partial = f"{path}.partial"
-    save_file(weights, partial, metadata={"format": "pt", "stage": str(alter.config.stage)})
+    save_file(weights, partial, metadata={"format": "pt", "stage": str(alter.config.stage), "mta_settings": settings})
     os.replace(partial, path)
     return path
 
@@ -95,10 +99,18 @@ def load_mta_weights(model, folder, revision=None) -> None:
     `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model is also made to
     pass `task_ids` on (`route_task_ids_through`).
 
-    Raises `FileNotFoundError` if the folder (or repository) has no such file, and `ValueError` naming the weights if
-    they do not match the model's MTA modules (other tasks, another `adapter_dim`, ...)."""
+    Raises `FileNotFoundError` if the folder (or repository) has no such file, and `ValueError` naming each
+    difference if the model was built otherwise than the one that wrote it (`MTA_SHAPE_FIELDS`: tasks, adapter size,
+    form, activation, ...) or, for a file without those settings, the weights that do not match."""
     alter = unwrap_alter_model(model)
     path = _mta_weights_file(str(folder), revision)
+    with safe_open(path, framework="pt") as handle:
+        stored = json.loads((handle.metadata() or {}).get("mta_settings", "{}"))
+    differ = [f"{key}={value!r} there, {getattr(alter.config, key, None)!r} here" for key, value in stored.items()
+              if value != getattr(alter.config, key, None)]
+    if differ:
+        raise ValueError(f"{path} was written by an ALTER model built otherwise ({'; '.join(differ)}): build the model "
+                         "with the settings it was trained with.")
     stage = mta_weights_stage(path)
     weights = load_file(path)
     expected = mta_state_dict(alter)

@@ -41,6 +41,7 @@ from transformers.trainer_utils import get_last_checkpoint, has_length
 from transformers.utils import logging
 
 from .callback import StageSwitchCallback
+from .configuration_mta import MTA_SHAPE_FIELDS
 from .data import TASK_COLUMNS, TaskIdsCollator
 from .peft_wrapping import (MTA_WEIGHTS_NAME, load_mta_weights, mta_weights_stage, save_mta_weights,
                             unwrap_alter_model)
@@ -49,9 +50,6 @@ logger = logging.get_logger(__name__)
 
 
 TRAINER_STATE_NAME = "trainer_state.json"
-# The config fields that decide the MTA modules' weights and computation: a resumed model must match its checkpoint.
-MTA_SHAPE_FIELDS = ("task_names", "adapter_dim", "adapter_activation", "adapter_form", "num_shared_adapters",
-                    "mta_placement")
 
 
 def check_supported_options(args) -> None:

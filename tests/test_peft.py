@@ -166,9 +166,17 @@ def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_
     load_mta_weights(from_hub, "someone/alter-lora", revision="abc123")
     assert asked == [("someone/alter-lora", "alter_mta.safetensors", "abc123")]
     assert_same_outputs(trained, from_hub)
-    wrong = get_peft_model(tiny_model(adapter_dim=4), LoraConfig(**T5_LORA))
-    with pytest.raises(ValueError, match="does not match the model's MTA modules"):
-        load_mta_weights(wrong, final)
+    for changed, said in ((dict(adapter_dim=4), "adapter_dim=8 there, 4 here"),
+                          (dict(adapter_activation="gelu"), "adapter_activation='relu' there, 'gelu' here")):
+        wrong = get_peft_model(tiny_model(**changed), LoraConfig(**T5_LORA))
+        with pytest.raises(ValueError, match=f"was written by an ALTER model built otherwise \\({said}\\)"):
+            load_mta_weights(wrong, final)
+    from safetensors.torch import save_file  # a file without the settings: its weights are checked
+
+    save_file({"encoder.mta.unknown": torch.zeros(1)}, tmp_path / "alter_mta.safetensors", metadata={"stage": "1"})
+    with pytest.raises(ValueError, match=r"does not match the model's MTA modules: missing \[.*unexpected "
+                                         r"\['encoder.mta.unknown'\]"):
+        load_mta_weights(reloaded, tmp_path)
 
 
 def test_load_best_model_at_end_under_peft_loads_alters_own_weights_too(tmp_path):
