@@ -105,6 +105,7 @@ class AlterStagesMixin:
     - **Resume**: checkpoints record the stage (the callback's state in `trainer_state.json`, `stage` in
       `config.json`); `train(resume_from_checkpoint=...)` sets the model to that stage before the optimizer is built,
       so a stage-2 checkpoint's optimizer and schedule load into a stage-2 optimizer, and training continues exactly.
+      A checkpoint whose MTA settings (`MTA_SHAPE_FIELDS`) differ from the model's is refused.
     - **Data**: a dataset's `task_ids` column (ints) or `task` column (task names) reaches the model as `task_ids`
       [batch]: both columns survive `remove_unused_columns`, and the trainer's collator is wrapped in a
       [`TaskIdsCollator`] (TRL's collators build the batch from `input_ids`/`labels` only). Without either column,
@@ -113,6 +114,10 @@ class AlterStagesMixin:
     - **PEFT**: a PEFT model around an ALTER model (given as `model`, or made by `SFTTrainer(peft_config=...)`)
       gets `route_task_ids_through` (PEFT's task-typed wrappers drop `task_ids`), and its injected adapters (LoRA)
       train in stage 1 with the task adapters instead of the backbone (see `peft_adapter_parameter_names`).
+      Checkpoints and `save_model` also write ALTER's own weights, which PEFT does not save, as
+      `alter_mta.safetensors`; resume and `load_best_model_at_end` read them (`peft_wrapping`). Prompt-learning PEFT
+      methods, and PEFT under FSDP or DeepSpeed, are refused.
+    - **Hub pushes during training** (`push_to_hub=True`) carry the model's code files and that weight file too.
     - **Distributed**: DDP registers the parameters of both stages when it wraps the model (so those that become
       trainable at the switch are all-reduced) and must find unused parameters (`ddp_find_unused_parameters` is set
       to `True`; `False` raises); FSDP1 needs `use_orig_params=True` (checked); DeepSpeed fixes its parameter groups
