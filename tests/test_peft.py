@@ -293,6 +293,44 @@ def test_sft_trainer_with_peft_config_trains_both_stages(tmp_path):
     assert any(float(p.abs().sum()) > 0 for n, p in after.items() if "lora_B" in n)  # LoRA trained (B starts at 0)
 
 
+def test_sft_trainer_with_peft_config_checkpoints_reload_whole():
+    """TRL's SFTTrainer(peft_config=...) with the mixin writes ALTER's weight file too: the checkpoint reloads into
+    the trained model."""
+    import tempfile
+
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import ByT5Tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from modeling_alter import AlterForCausalLM, AlterStagesMixin, StageSwitchCallback, load_mta_weights
+
+    class AlterSFTTrainer(AlterStagesMixin, SFTTrainer):
+        pass
+
+    def build():
+        return AlterForCausalLM.from_causal_lm(tiny_causal_lm("llama"), task_names=CAUSAL_TASKS, adapter_dim=8,
+                                               num_shared_adapters=1)
+
+    data = Dataset.from_dict({"prompt": ["sentiment: good", "topic: ball", "reverse: abc", "sentiment: bad"] * 4,
+                              "completion": [" pos", " sport", " cba", " neg"] * 4, "task_ids": [0, 1, 2, 0] * 4})
+    with tempfile.TemporaryDirectory() as out:
+        model = build()
+        AlterSFTTrainer(
+            model=model, args=SFTConfig(out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                                        report_to=[], use_cpu=True, save_strategy="steps", save_steps=4, bf16=False,
+                                        dataset_num_proc=None),
+            train_dataset=data, processing_class=ByT5Tokenizer(), peft_config=LoraConfig(**CAUSAL_LORA),
+            callbacks=[StageSwitchCallback(stage1_steps=2, stage2_learning_rate=1e-3)]).train()
+        reloaded = PeftModel.from_pretrained(build(), f"{out}/checkpoint-4")
+        load_mta_weights(reloaded, f"{out}/checkpoint-4")
+    ids, task = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([1])
+    assert model.config.stage == 2 == reloaded.get_base_model().config.stage
+    with torch.no_grad():  # `model` is the trained ALTER model inside SFTTrainer's PEFT wrapper
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids, task_ids=task).logits,
+                                   model.eval()(input_ids=ids, task_ids=task).logits, rtol=0, atol=1e-6)
+
+
 def test_sdpa_output_attentions_matches_the_plain_model():
     plain = tiny_causal_lm("llama", attn_implementation="sdpa")
     model = tiny_causal_alter("llama", stage=1)
