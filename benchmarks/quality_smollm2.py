@@ -910,10 +910,10 @@ def render(summary, pairs, per_seed, tasks, args):
     header = ["method", "seeds", *columns, "**overall**", "Δ vs full FT (paired)", "trainable params", "train tokens/s",
               "steps to best (trained)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    planned = len(args.seeds) if args is not None else len(per_seed)
     for method, entry in summary.items():
         runs = [per_seed[s][method] for s in entry["seeds"]]
         result, n = runs[0], len(runs)
-        planned = len(args.seeds) if args is not None else len(per_seed)
         cells = [METHODS[method], seeds_cell(entry, planned), *(_pct(entry["per_task"][c], n) for c in columns),
                  f"**{_pct(entry['overall'], n)}**", _delta_cell(pairs.get(f"{method} - {REFERENCE}"))]
         cells.append(f"{result.get('trainable_parameters', 0):,}" if result.get("trainable_parameters") else "—")

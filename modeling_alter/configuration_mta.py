@@ -123,6 +123,13 @@ MTA_SHAPE_FIELDS = ("task_names", "adapter_dim", "adapter_activation", "adapter_
                     "mta_placement")
 
 
+def differing_mta_settings(stored, config) -> list[str]:
+    """The `MTA_SHAPE_FIELDS` on which `stored` (a dict, e.g. a checkpoint's `config.json`) and `config` disagree, each
+    as "adapter_form='plain' there, 'gated' here"; fields `stored` lacks are not compared."""
+    return [f"{key}={stored[key]!r} there, {getattr(config, key, None)!r} here" for key in MTA_SHAPE_FIELDS
+            if key in stored and stored[key] != getattr(config, key, None)]
+
+
 def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapter_form, num_shared_adapters,
                    mta_placement, allowed_placements, router_top_k, router_aux_loss_coef, task_id_drop_rate, stage,
                    stage1_train_backbone, task_prefixes, task_prefix_ids, visible_task_adapters=None):
@@ -150,5 +157,6 @@ def set_mta_fields(config, *, task_names, adapter_dim, adapter_activation, adapt
     config.visible_task_adapters = check_visible_task_adapters(visible_task_adapters, len(config.task_names))
 
 
-__all__ = ["ADAPTER_FORMS", "MTA_SHAPE_FIELDS", "check_int", "check_task_names", "check_placement", "check_adapter_form",
-           "check_router_top_k", "check_prefixes", "check_visible_task_adapters", "check_activation", "set_mta_fields"]
+__all__ = ["ADAPTER_FORMS", "MTA_SHAPE_FIELDS", "differing_mta_settings", "check_int", "check_task_names",
+           "check_placement", "check_adapter_form", "check_router_top_k", "check_prefixes", "check_visible_task_adapters",
+           "check_activation", "set_mta_fields"]

@@ -25,9 +25,9 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .configuration_mta import MTA_SHAPE_FIELDS
+from .configuration_mta import MTA_SHAPE_FIELDS, differing_mta_settings
 
 MTA_WEIGHTS_NAME = "alter_mta.safetensors"  # beside a PEFT adapter's files
 
@@ -86,18 +86,22 @@ def _mta_weights_file(folder, revision):
         raise FileNotFoundError(f"{missing} On the Hub: {type(error).__name__}.") from None
 
 
-def mta_weights_stage(path) -> int | None:
-    """The stage (1 or 2) recorded in an `alter_mta.safetensors` file at `path`, or None if it records none."""
+def mta_weights_stage(folder) -> int | None:
+    """The stage (1 or 2) recorded in `folder`'s `alter_mta.safetensors`, or None if the folder has no such file (or
+    it records none)."""
+    path = os.path.join(folder, MTA_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return None
     with safe_open(path, framework="pt") as handle:
         stage = (handle.metadata() or {}).get("stage")
     return int(stage) if stage is not None else None
 
 
-def load_mta_weights(model, folder, revision=None) -> None:
+def load_mta_weights(model, folder, revision=None, set_stage=True) -> None:
     """Loads `alter_mta.safetensors` (written by `save_mta_weights`, as `AlterTrainer` does beside a PEFT adapter)
     from `folder`, a local folder or a Hub repository id as `PeftModel.from_pretrained` takes (at `revision`), into
-    `model` (an ALTER model, or a PEFT model around one) and sets the stage it records. A PEFT model is also made to
-    pass `task_ids` on (`route_task_ids_through`).
+    `model` (an ALTER model, or a PEFT model around one) and, with `set_stage`, sets the stage it records. A PEFT
+    model is also made to pass `task_ids` on (`route_task_ids_through`).
 
     Raises `FileNotFoundError` if the folder (or repository) has no such file, and `ValueError` naming each
     difference if the model was built otherwise than the one that wrote it (`MTA_SHAPE_FIELDS`: tasks, adapter size,
@@ -105,14 +109,12 @@ def load_mta_weights(model, folder, revision=None) -> None:
     alter = unwrap_alter_model(model)
     path = _mta_weights_file(str(folder), revision)
     with safe_open(path, framework="pt") as handle:
-        stored = json.loads((handle.metadata() or {}).get("mta_settings", "{}"))
-    differ = [f"{key}={value!r} there, {getattr(alter.config, key, None)!r} here" for key, value in stored.items()
-              if value != getattr(alter.config, key, None)]
+        metadata = handle.metadata() or {}
+        weights = {name: handle.get_tensor(name) for name in handle.keys()}
+    differ = differing_mta_settings(json.loads(metadata.get("mta_settings", "{}")), alter.config)
     if differ:
         raise ValueError(f"{path} was written by an ALTER model built otherwise ({'; '.join(differ)}): build the model "
                          "with the settings it was trained with.")
-    stage = mta_weights_stage(path)
-    weights = load_file(path)
     expected = mta_state_dict(alter)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     shapes = sorted(name for name in set(weights) & set(expected) if weights[name].shape != expected[name].shape)
@@ -122,8 +124,8 @@ def load_mta_weights(model, folder, revision=None) -> None:
             f"other shapes {[(n, tuple(weights[n].shape), tuple(expected[n].shape)) for n in shapes[:3]]} (build "
             "the model with the task names and MTA settings it was trained with).")
     alter.load_state_dict(weights, strict=False)
-    if stage is not None:
-        alter.set_stage(stage)
+    if set_stage and "stage" in metadata:
+        alter.set_stage(int(metadata["stage"]))
     if model is not alter:
         alter.route_task_ids_through(model)
 

@@ -41,7 +41,7 @@ from transformers.trainer_utils import get_last_checkpoint, has_length
 from transformers.utils import logging
 
 from .callback import StageSwitchCallback
-from .configuration_mta import MTA_SHAPE_FIELDS
+from .configuration_mta import differing_mta_settings
 from .data import TASK_COLUMNS, TaskIdsCollator
 from .peft_wrapping import (MTA_WEIGHTS_NAME, load_mta_weights, mta_weights_stage, save_mta_weights,
                             unwrap_alter_model)
@@ -214,9 +214,7 @@ class AlterStagesMixin:
             with open(config_path, encoding="utf-8") as handle:
                 stored = json.load(handle)
             config_stage = stored.get("stage")
-            model_config = self.alter_model.config
-            differ = [f"{key}={stored[key]!r} there, {getattr(model_config, key)!r} here" for key in MTA_SHAPE_FIELDS
-                      if key in stored and stored[key] != getattr(model_config, key, None)]
+            differ = differing_mta_settings(stored, self.alter_model.config)
             if differ:
                 # Trainer loads a checkpoint with strict=False: a differing form or activation would pass unnoticed.
                 raise ValueError(
@@ -368,7 +366,7 @@ class AlterStagesMixin:
         """`Trainer._load_from_checkpoint`; under PEFT also ALTER's own weights (`peft_wrapping.load_mta_weights`),
         which must record the stage the resumed run restored."""
         if self._under_peft():
-            stage = self._mta_weights_stage(resume_from_checkpoint)
+            stage = mta_weights_stage(resume_from_checkpoint)
             if stage is None:
                 raise ValueError(
                     f"Checkpoint {resume_from_checkpoint} holds PEFT's adapter but not ALTER's own weights "
@@ -380,28 +378,20 @@ class AlterStagesMixin:
                     f"{self.stage_callback.stage} but its {MTA_WEIGHTS_NAME} says stage {stage}.")
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._under_peft():
-            load_mta_weights(self.alter_model, resume_from_checkpoint)
+            load_mta_weights(self.alter_model, resume_from_checkpoint, set_stage=False)
 
     def _load_best_model(self):
         """`Trainer._load_best_model`; under PEFT also ALTER's own weights of the best checkpoint (the run keeps its
         stage). A best checkpoint without them is skipped with a warning, as `Trainer` skips one without weights."""
         checkpoint = self.state.best_model_checkpoint
-        if self._under_peft() and self._mta_weights_stage(checkpoint) is None:
+        if self._under_peft() and (checkpoint is None or mta_weights_stage(checkpoint) is None):
             logger.warning(
                 "Could not load the best model: %s has PEFT's adapter but not ALTER's own weights (%s); the model "
                 "keeps the weights of the last step.", checkpoint, MTA_WEIGHTS_NAME)
             return
         super()._load_best_model()
         if self._under_peft():
-            stage = self.alter_model.config.stage
-            load_mta_weights(self.alter_model, checkpoint)
-            self.alter_model.set_stage(stage)
-
-    @staticmethod
-    def _mta_weights_stage(checkpoint) -> int | None:
-        """The stage recorded in `checkpoint`'s ALTER weight file, or None if it has none."""
-        path = os.path.join(checkpoint, MTA_WEIGHTS_NAME) if checkpoint is not None else None
-        return mta_weights_stage(path) if path is not None and os.path.isfile(path) else None
+            load_mta_weights(self.alter_model, checkpoint, set_stage=False)
 
     def _push_from_checkpoint(self, checkpoint_folder):
         """`Trainer._push_from_checkpoint`, which copies a fixed list of files (config, weights, PEFT's adapter) from

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
 from causal_utils import TASKS as CAUSAL_TASKS
 from causal_utils import left_padded_batch, tiny_causal_alter, tiny_causal_lm
@@ -112,8 +113,6 @@ def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_
     (`alter_mta.safetensors`): the folder reloads into the trained model, and a run resumed in stage 2 from a
     checkpoint ends with the weights of the uninterrupted run."""
     from peft import PeftModel
-    from safetensors.torch import load_file
-
     from modeling_alter import load_mta_weights
 
     train_set, _ = tiny_data()
@@ -182,8 +181,6 @@ def test_checkpoints_of_a_lora_wrapped_alter_keep_alters_own_weights_for_reload_
 def test_load_best_model_at_end_under_peft_loads_alters_own_weights_too(tmp_path):
     """The best checkpoint (here the first, in stage 1) comes back whole: LoRA from PEFT's file, the task adapters
     from ALTER's, while the run keeps the stage it ended in (2)."""
-    from safetensors.torch import load_file
-
     model = tiny_model()
     trainer = train_keeping_the_first_checkpoint(get_peft_model(model, LoraConfig(**T5_LORA)), tmp_path,
                                                  stage1_steps=3)
@@ -243,15 +240,9 @@ def test_pushes_during_training_carry_the_code_files_and_alters_weights(tmp_path
         "config.json", "model.safetensors", "modeling_alter.py", "mta.py", "configuration_alter.py"}
     assert uploads and expected <= set(uploads[0])
     if peft:
-        copied = load_mta_file(tmp_path / "out" / "alter_mta.safetensors")
-        in_checkpoint = load_mta_file(tmp_path / "out" / "checkpoint-6" / "alter_mta.safetensors")
+        copied = load_file(tmp_path / "out" / "alter_mta.safetensors")
+        in_checkpoint = load_file(tmp_path / "out" / "checkpoint-6" / "alter_mta.safetensors")
         assert all(torch.equal(t, in_checkpoint[n]) for n, t in copied.items())
-
-
-def load_mta_file(path):
-    from safetensors.torch import load_file
-
-    return load_file(path)
 
 
 def outputs(model):
